@@ -1,0 +1,196 @@
+"""`vidseek` command line (Typer). Every user mistake ends in one line `error: …` and exit 2.
+
+Commands: synth, extract, presets, train, eval, plot, and the search-engine commands
+(index, search, serve, demo) registered from `vidseek.serve.commands`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vidseek.errors import VidseekError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="vidseek: text-to-video retrieval — train, evaluate, index, search, serve.")
+
+
+@cli.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write the synthetic benchmark into."),
+    videos: int = typer.Option(600, "--videos", help="Number of clips (train/val/test together)."),
+    seed: int = typer.Option(0, "--seed"),
+    frames: int = typer.Option(16, "--frames", help="Frames per clip."),
+    size: int = typer.Option(64, "--size", help="Frame side in pixels."),
+) -> None:
+    """Render the deterministic synthetic video–text benchmark (mp4 + JSONL + MSR-VTT layout)."""
+    from vidseek.data.synth import SynthConfig, generate
+
+    summary = generate(out, SynthConfig(num_videos=videos, seed=seed, frames=frames, size=size))
+    typer.echo(f"wrote {summary.written} clips, reused {summary.reused}; splits {summary.counts}; "
+               f"hard-negative pairs {summary.hard_negative_pairs} → {summary.out_dir}")
+
+
+@cli.command()
+def extract(
+    source: Path = typer.Argument(..., help="Dataset folder, .jsonl file, or a folder of videos."),
+    out: Path = typer.Option(..., "--out", help="Feature store folder (created or resumed)."),
+    model: str = typer.Option("ViT-B-32", "--model", help="CLIP config: ViT-B-32, ViT-B-16, tiny, …"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local CLIP weights file (OpenAI .pt, open_clip, HF)."),
+    frames: int = typer.Option(12, "--frames"),
+    patches: bool = typer.Option(False, "--patches", help="Also store patch tokens (PIG)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split of a dataset."),
+    segment_seconds: Optional[float] = typer.Option(None, "--segment-seconds", help="Cut long videos into windows."),
+    overlap: float = typer.Option(0.0, "--overlap", help="Window overlap in seconds."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
+) -> None:
+    """Extract per-frame CLIP features into a resumable feature store."""
+    from vidseek.encoders import build_clip
+    from vidseek.store.extract import extract as run_extract
+
+    encoder = build_clip(model, weights=weights)
+    summary = run_extract(source, encoder, out, frames=frames, patches=patches, split=split,
+                          segment_seconds=segment_seconds, overlap_seconds=overlap, batch_size=batch_size, workers=workers)
+    typer.echo(f"processed {summary.processed}, already done {summary.skipped_existing}, failed {summary.failed} "
+               f"({summary.videos_per_second:.1f} videos/s)")
+    for key, err in summary.failures[:20]:
+        typer.echo(f"  failed {key}: {err}")
+
+
+@cli.command()
+def presets() -> None:
+    """List the named presets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vidseek.models.registry import list_presets
+
+    table = Table("preset", "model", "clip", "frames", "words", "batch", "description")
+    for p in list_presets():
+        table.add_row(p.name, p.model, p.clip, str(p.frames), str(p.words), str(p.train.batch_size), p.description)
+    Console().print(table)
+
+
+@cli.command()
+def train(
+    preset: str = typer.Option(..., "--preset", help="Preset name (see `vidseek presets`)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    out: Path = typer.Option(Path("runs/run"), "--out", help="Run folder (last.pt, best.pt, log.jsonl)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", "--clip", help="Local CLIP weights to start from."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Feature store (for feature-mode presets)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global contrastive batch."),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Gradient caching chunk."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Train a preset; the best checkpoint is chosen on the validation split."""
+    from vidseek.models.registry import get_preset
+    from vidseek.train.loop import train as run_train
+
+    if not data.exists():
+        raise VidseekError(f"data folder {data} does not exist: pass --data pointing at a dataset (or run `vidseek synth --out {data}`)")
+    p = get_preset(preset).with_overrides(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                                          micro_batch_size=micro_batch_size, lr=lr, seed=seed)
+    result = run_train(p, data, out, weights=str(weights) if weights else None,
+                       features=str(features) if features else None, resume=resume, device=device)
+    typer.echo(f"trained {result.step} steps → {result.run_dir}; best {result.best['metric']} = {result.best['value']} "
+               f"at step {result.best['step']}")
+
+
+@cli.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="Run folder (uses best.pt) or checkpoint file."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    split: str = typer.Option("test", "--split"),
+    features: Optional[Path] = typer.Option(None, "--features", help="Feature store for feature-mode models."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics + settings as JSON."),
+    dsl: bool = typer.Option(False, "--dsl", help="Add a separately labelled dual-softmax (DSL) row."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Evaluate a checkpoint: paper-style T2V/V2T table (R@1/5/10, MdR, MnR, RSum, SumR)."""
+    from vidseek.eval.report import format_table, write_report
+    from vidseek.eval.runner import evaluate_model
+    from vidseek.train.checkpoint import load_model
+    from vidseek.train.loop import load_split, video_source
+    from vidseek.utils import default_device
+
+    device = device or default_device()
+    model, payload = load_model(checkpoint, device=device)
+    from vidseek.models.registry import Preset
+
+    p = Preset.from_dict(payload["preset"])
+    dataset = load_split(p, data, split)
+    cache_root = Path(payload["path"]).parent
+    source = video_source(p, dataset, cache_root, str(features) if features else None, model.clip.image_size, True)
+    metrics = evaluate_model(model, dataset, source, p.words, dsl=dsl)
+    rows = {p.name: {k: v for k, v in metrics.items() if not k.startswith("dsl.")}}
+    if dsl:
+        rows[f"{p.name} + DSL"] = {k[4:]: v for k, v in metrics.items() if k.startswith("dsl.")}
+    typer.echo(format_table(rows, title=f"{p.name} on {data} [{split}]"))
+    extra = {k: v for k, v in metrics.items() if k.startswith("hardneg.")}
+    for key, value in extra.items():
+        typer.echo(f"{key}: {value:.1f}")
+    settings = {"preset": p.name, "checkpoint": payload["path"], "step": payload["step"], "split": split,
+                "frames": p.frames, "words": p.words, "batch": p.train.batch_size, "precision": "fp32",
+                "sampling": "uniform", "post_processing": "DSL row separate" if dsl else "none",
+                "selected_on": payload.get("best", {}).get("metric", "val")}
+    if json_out:
+        write_report(json_out, metrics, settings)
+
+
+@cli.command()
+def plot(
+    run: Path = typer.Argument(..., help="Run folder with log.jsonl."),
+    out: Path = typer.Option(Path("training_curve.png"), "--out"),
+) -> None:
+    """Draw the training curve (loss and validation R@1) of a run to PNG."""
+    from vidseek.eval.plots import plot_training_curve
+
+    log = run / "log.jsonl"
+    if not log.exists():
+        raise VidseekError(f"{log} not found: pass a run folder written by `vidseek train`")
+    plot_training_curve(log, out)
+    typer.echo(f"wrote {out}")
+
+
+def _register_search_commands() -> None:
+    try:
+        from vidseek.serve import commands
+    except ModuleNotFoundError as err:
+        if err.name == "vidseek.serve.commands":
+            return
+        raise
+    commands.register(cli)
+
+
+_register_search_commands()
+
+
+def app() -> None:
+    """Console entry point: run the CLI, turning user errors into one line and exit status 2."""
+    try:
+        cli(standalone_mode=False)
+    except VidseekError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as err:
+        raise err
+    except Exception as err:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    app()

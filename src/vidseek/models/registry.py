@@ -1,0 +1,234 @@
+"""Named presets (timm-style registry) and model construction.
+
+A preset states every setting that users of the field found decides whether a number
+reproduces (USERS.md, pain point 1): backbone, frames, words, batch size, learning rates,
+epochs, sampling, which split selects the checkpoint. `vidseek presets` lists them.
+
+Paper presets name the table row they reproduce. `synth-*-tiny` presets train on the synthetic
+benchmark (`vidseek synth`) on a 2-core CPU in minutes, from random initialisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vidseek.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Learning rates: `lr` for new modules, `lr * clip_lr_coef` for CLIP."""
+
+    epochs: int = 5
+    max_steps: int | None = None  # stop early (after this many optimiser steps) if set
+    batch_size: int = 128  # GLOBAL contrastive batch (all ranks, all micro-batches together)
+    micro_batch_size: int | None = None  # gradient caching: split without losing negatives
+    lr: float = 1e-4
+    clip_lr_coef: float = 1e-3
+    weight_decay: float = 0.2
+    warmup_fraction: float = 0.1
+    grad_clip: float | None = 1.0
+    hard_negatives: bool = False  # keep a clip's hard-negative group in one batch
+    eval_every: int | None = None  # optimiser steps between validation runs (None: once per epoch)
+    mode: str = "frames"  # "frames": end-to-end from decoded frames; "features": frozen image tower
+    sampling: str = "uniform"  # frame sampling for training clips
+    seed: int = 42
+    select_metric: str = "val.t2v.R@1"  # model selection on the validation split, never test
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    model: str  # key of MODEL_BUILDERS
+    clip: str  # CLIP config name for vidseek.encoders.build_clip
+    frames: int
+    words: int
+    model_config: dict[str, Any] = field(default_factory=dict)
+    data_format: str | None = None  # None: detect from the folder
+    data_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reference: str = ""  # the paper row this preset reproduces
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preset":
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+    def with_overrides(self, **train_overrides: Any) -> "Preset":
+        """A copy with some TrainConfig fields replaced (CLI flags like --epochs)."""
+        unknown = set(train_overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {sorted(unknown)}")
+        kept = {k: v for k, v in train_overrides.items() if v is not None}
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **kept))
+
+
+# --- models ----------------------------------------------------------------------------------
+# name -> "module:ModelClass:ConfigClass"; imported lazily so one model's import cost or
+# optional dependency never affects another.
+MODEL_BUILDERS: dict[str, str] = {
+    "twotower": "vidseek.models.twotower:TwoTower:TwoTowerConfig",
+    "tcmgc": "vidseek.models.tcmgc:TCMGC:TCMGCConfig",
+    "pig": "vidseek.models.pig:PIG:PIGConfig",
+}
+
+
+def model_classes(model: str) -> tuple[type, type]:
+    try:
+        module_name, model_cls, config_cls = MODEL_BUILDERS[model].split(":")
+    except KeyError:
+        raise ConfigError(f"unknown model {model!r}: choose one of {sorted(MODEL_BUILDERS)}") from None
+    module = importlib.import_module(module_name)
+    return getattr(module, model_cls), getattr(module, config_cls)
+
+
+def create_model(preset: Preset, weights: str | None = None):
+    """Build the preset's model on a CLIP backbone (random init unless `weights` is a local file)."""
+    from vidseek.encoders import build_clip
+
+    model_cls, config_cls = model_classes(preset.model)
+    clip = build_clip(preset.clip, weights=weights, context_length=preset.words)
+    try:
+        config = config_cls(**preset.model_config)
+    except TypeError as err:
+        raise ConfigError(f"preset {preset.name!r}: bad model_config for {preset.model}: {err}") from None
+    return model_cls(clip, config)
+
+
+# --- presets ---------------------------------------------------------------------------------
+PRESETS: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    if preset.name in PRESETS:
+        raise ConfigError(f"preset {preset.name!r} registered twice")
+    PRESETS[preset.name] = preset
+    return preset
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        close = [p for p in PRESETS if name.split("-")[0] in p][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}: run `vidseek presets` to list them") from None
+
+
+def list_presets() -> list[Preset]:
+    return [PRESETS[k] for k in sorted(PRESETS)]
+
+
+# The CLIP4Clip recipe shared by the MSR-VTT-family paper presets (METHODS.md, "Recipe anchors").
+def _paper_train(**kw: Any) -> TrainConfig:
+    base = dict(epochs=5, batch_size=128, lr=1e-4, clip_lr_coef=1e-3, weight_decay=0.2, warmup_fraction=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# Benchmarks: (name, format, data options, frames, words, epochs, description)
+_DATASETS: list[tuple[str, str, dict[str, Any], int, int, int, str]] = [
+    ("msrvtt9k", "msrvtt", {"train_split": "9k", "test_split": "1k-A"}, 12, 32, 5, "MSR-VTT 9k train / 1k-A test"),
+    ("msrvtt7k", "msrvtt", {"train_split": "7k", "test_split": "1k-A"}, 12, 32, 5, "MSR-VTT 7k train / 1k-A test"),
+    ("didemo", "didemo", {}, 64, 64, 5, "DiDeMo paragraph retrieval"),
+    ("vatex", "vatex", {}, 12, 32, 5, "VATEX, every English caption a query"),
+    ("msvd", "msvd", {}, 12, 32, 5, "MSVD, every caption a query"),
+    ("lsmdc", "lsmdc", {}, 12, 32, 5, "LSMDC public test 1000"),
+    ("activitynet", "activitynet", {}, 64, 64, 5, "ActivityNet Captions paragraph retrieval (val_1 as test)"),
+]
+
+_PAPER_ANCHORS = {
+    ("msrvtt9k", "meanP"): "CLIP4Clip meanP, MSR-VTT 1k-A T2V R@1 43.1 (TC-MGC Table 1b)",
+    ("msrvtt9k", "seqTransf"): "CLIP4Clip seqTransf, MSR-VTT 1k-A T2V R@1 44.5 (TC-MGC Table 1b)",
+}
+
+
+def _register_two_tower_presets() -> None:
+    for ds, fmt, opts, frames, words, epochs, desc in _DATASETS:
+        for backbone in ("b32", "b16"):
+            clip = "ViT-B-32" if backbone == "b32" else "ViT-B-16"
+            for pooling in ("meanP", "seqTransf"):
+                register(
+                    Preset(
+                        name=f"{ds}-{pooling.lower()}-{backbone}",
+                        description=f"CLIP4Clip {pooling} on {desc}, {clip}",
+                        model="twotower",
+                        clip=clip,
+                        frames=frames,
+                        words=words,
+                        model_config={"pooling": pooling},
+                        data_format=fmt,
+                        data_options=dict(opts),
+                        train=_paper_train(epochs=epochs),
+                        reference=_PAPER_ANCHORS.get((ds, pooling), ""),
+                    )
+                )
+
+
+# Tiny synthetic-benchmark recipe (DESIGN.md, measured prototype): random-init tiny CLIP,
+# 8 frames, batch 64, AdamW 1e-3 everywhere (nothing pretrained to protect, so coef 1.0),
+# hard-negative batching on (order is learned only with it).
+def synth_train(**kw: Any) -> TrainConfig:
+    base = dict(
+        epochs=100,
+        max_steps=700,
+        batch_size=64,
+        lr=1e-3,
+        clip_lr_coef=1.0,
+        weight_decay=0.05,
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        hard_negatives=True,
+        eval_every=100,
+        mode="frames",
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _register_synth_presets() -> None:
+    for pooling in ("meanP", "seqTransf"):
+        register(
+            Preset(
+                name=f"synth-{pooling.lower()}-tiny",
+                description=f"CLIP4Clip {pooling} on the synthetic benchmark, tiny random-init CLIP (CPU minutes)",
+                model="twotower",
+                clip="tiny",
+                frames=8,
+                words=32,
+                model_config={"pooling": pooling, "temporal_layers": 2},
+                data_format="jsonl",
+                train=synth_train(),
+            )
+        )
+
+
+_register_two_tower_presets()
+_register_synth_presets()
+
+#: Extra preset modules registered by each model file's `register_presets(register, ...)`.
+_PRESET_PROVIDERS: list[str] = ["vidseek.models.tcmgc", "vidseek.models.pig", "vidseek.models.grdr"]
+
+
+def _load_model_presets() -> None:
+    for module_name in _PRESET_PROVIDERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name == module_name:  # that model has not landed yet
+                continue
+            raise
+        hook: Callable[..., None] | None = getattr(module, "register_presets", None)
+        if hook is not None:
+            hook(register=register, Preset=Preset, synth_train=synth_train, paper_train=_paper_train, datasets=_DATASETS)
+
+
+_load_model_presets()

@@ -1,0 +1,69 @@
+"""CLIP4Clip two-tower baseline: meanP and seqTransf (Luo et al., "CLIP4Clip", 2022, §3.2–3.3).
+
+Text  = the CLIP text tower's EOT feature.
+Video = per-frame CLIP CLS features, optionally through the seqTransf temporal encoder
+        (learned frame position embedding + 4 CLIP-style blocks + residual), then a masked mean.
+Score = cosine similarity; training loss = symmetric InfoNCE on cosine × a learnable logit scale
+        (init ln(1/0.07), clamped ≤ ln 100) — CLIP4Clip Eq. 8–10.
+
+The L2-normalised mean-pooled video vector is also the dense index vector (`index_video`), so
+this model is a recall stage of the search cascade.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from vidseek.encoders.temporal import TemporalTransformer, masked_mean
+from vidseek.models.base import FrameFeatures, LossOutput, RetrievalModel, TextFeatures
+from vidseek.models.losses import LogitScale, symmetric_infonce
+
+
+@dataclass
+class TwoTowerConfig:
+    """`pooling="meanP"`: parameter-free masked mean; `"seqTransf"`: temporal transformer first."""
+
+    pooling: Literal["meanP", "seqTransf"] = "meanP"
+    temporal_layers: int = 4  # CLIP4Clip uses 4 layers for seqTransf
+    max_frames: int = 64
+
+
+class TwoTower(RetrievalModel):
+    name: ClassVar[str] = "twotower"
+
+    def __init__(self, clip: nn.Module, config: TwoTowerConfig | None = None):
+        super().__init__(clip)
+        self.config = config or TwoTowerConfig()
+        if self.config.pooling not in ("meanP", "seqTransf"):
+            from vidseek.errors import ConfigError
+
+            raise ConfigError(f"unknown two-tower pooling {self.config.pooling!r}: use 'meanP' or 'seqTransf'")
+        width = clip.embed_dim
+        self.temporal = (
+            TemporalTransformer(width, layers=self.config.temporal_layers, max_frames=self.config.max_frames)
+            if self.config.pooling == "seqTransf"
+            else None
+        )
+        self.logit_scale = LogitScale()
+
+    def encode_video_features(self, feats: FrameFeatures) -> Tensor:
+        """[B,T,D] frame features → L2-normalised video vector [B,D] (CLIP4Clip's `get_video_avg`)."""
+        frames = feats.frames
+        if self.temporal is not None:
+            frames = self.temporal(frames, feats.mask)
+        frames = F.normalize(frames, dim=-1)  # CLIP4Clip normalises each frame before pooling
+        return F.normalize(masked_mean(frames, feats.mask), dim=-1)
+
+    def score(self, text: TextFeatures, video: Tensor) -> Tensor:
+        return F.normalize(text.sentence, dim=-1) @ video.t()
+
+    def loss(self, text: TextFeatures, video: Tensor) -> LossOutput:
+        scale = self.logit_scale()
+        loss = symmetric_infonce(scale * self.score(text, video))
+        return LossOutput(loss, {"infonce": float(loss.detach()), "logit_scale": float(scale.detach())})
+
+    def index_video(self, video: Tensor) -> Tensor:
+        return video

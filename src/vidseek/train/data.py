@@ -1,0 +1,183 @@
+"""Training/evaluation inputs: where a video's frames or frame features come from, and batches.
+
+Two video sources share one small interface (`features(model, indices) -> FrameFeatures`):
+- `FrameCache`: decoded + preprocessed frames of every video of a split, decoded ONCE into a
+  float16 memory-mapped file (resumable, failures recorded), so end-to-end training does not
+  re-decode each epoch. The image tower runs in the model (`model.encode_frames`).
+- `StoreSource`: frame features written by `vidseek extract` (frozen image tower; the fast path).
+
+`EpochBatches` draws each epoch's batches deterministically from (seed, epoch): every video
+once per epoch with one of its captions, optionally keeping a clip's hard-negative group in the
+same batch (order is learned only that way — DESIGN.md, synthetic benchmark).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from vidseek.errors import VidseekError
+from vidseek.models.base import FrameFeatures, RetrievalModel
+from vidseek.utils import atomic_write_json
+
+
+@dataclass
+class RawFrames:
+    """Decoded frames travelling through the training step (sliceable/concatenable like features)."""
+
+    pixels: torch.Tensor  # [B, T, 3, S, S] CLIP-normalised
+    mask: torch.Tensor  # [B, T] bool
+
+
+class VideoSource(Protocol):
+    @property
+    def usable(self) -> list[int]: ...
+
+    def features(self, model: RetrievalModel, indices: Sequence[int]) -> FrameFeatures: ...
+
+    def train_inputs(self, indices: Sequence[int], device: str) -> RawFrames | FrameFeatures: ...
+
+
+class FrameCache:
+    """float16 [N, T, 3, S, S] CLIP-normalised frames + bool mask [N, T] for a list of videos.
+
+    Built in `root` (a folder of the run or cache); resumes after a kill: rows already decoded
+    are kept (a `done` flag per row is flushed after the row's data). A video that cannot be
+    decoded is recorded in `failures.json` and excluded — never replaced by zero frames.
+    """
+
+    def __init__(self, root: str | Path, paths: Sequence[str | Path], num_frames: int, size: int,
+                 starts: Sequence[float | None] | None = None, ends: Sequence[float | None] | None = None):
+        self.root = Path(root)
+        self.paths = [str(p) for p in paths]
+        self.num_frames = num_frames
+        self.size = size
+        self.starts = list(starts) if starts is not None else [None] * len(self.paths)
+        self.ends = list(ends) if ends is not None else [None] * len(self.paths)
+        n = len(self.paths)
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha1(json.dumps([self.paths, self.starts, self.ends, num_frames, size]).encode()).hexdigest()[:12]
+        self.frames_path = self.root / f"frames-{key}.f16"
+        self.mask_path = self.root / f"mask-{key}.u8"
+        self.done_path = self.root / f"done-{key}.u8"
+        self.failures_path = self.root / f"failures-{key}.json"
+        shape = (max(n, 1), num_frames, 3, size, size)
+        mode = "r+" if self.frames_path.exists() else "w+"
+        self.frames = np.memmap(self.frames_path, dtype=np.float16, mode=mode, shape=shape)
+        self.mask = np.memmap(self.mask_path, dtype=np.uint8, mode=mode, shape=(max(n, 1), num_frames))
+        self.done = np.memmap(self.done_path, dtype=np.uint8, mode=mode, shape=(max(n, 1),))
+        self.failures: dict[int, str] = {}
+        if self.failures_path.exists():
+            self.failures = {int(k): v for k, v in json.loads(self.failures_path.read_text()).items()}
+
+    def build(self, threads: int = 2, progress: bool = True) -> "FrameCache":
+        """Decode every row not yet done (bounded threads; PyAV releases the GIL while decoding)."""
+        from vidseek.video import load_video_tensor
+
+        todo = [i for i in range(len(self.paths)) if not self.done[i] and i not in self.failures]
+        if not todo:
+            return self
+
+        def work(i: int):
+            try:
+                x, m, _ = load_video_tensor(self.paths[i], self.num_frames, self.size, start=self.starts[i], end=self.ends[i])
+                return i, x, m, None
+            except VidseekError as err:
+                return i, None, None, str(err)
+
+        from rich.progress import Progress
+
+        with Progress(disable=not progress, transient=True) as bar, ThreadPoolExecutor(max_workers=threads) as pool:
+            task = bar.add_task(f"decoding {len(todo)} videos", total=len(todo))
+            for i, x, m, err in pool.map(work, todo):
+                if err is not None:
+                    self.failures[i] = err
+                    atomic_write_json(self.failures_path, {str(k): v for k, v in self.failures.items()})
+                else:
+                    self.frames[i] = x.numpy().astype(np.float16)
+                    self.mask[i] = m.numpy().astype(np.uint8)
+                    self.frames.flush()
+                    self.mask.flush()
+                    self.done[i] = 1
+                    self.done.flush()
+                bar.advance(task)
+        return self
+
+    @property
+    def usable(self) -> list[int]:
+        return [i for i in range(len(self.paths)) if self.done[i]]
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices)
+        frames = torch.from_numpy(np.asarray(self.frames[idx], dtype=np.float32))
+        mask = torch.from_numpy(np.asarray(self.mask[idx]).astype(bool))
+        return frames, mask
+
+    def train_inputs(self, indices: Sequence[int], device: str) -> RawFrames:
+        frames, mask = self.batch(indices)
+        return RawFrames(frames.to(device), mask.to(device))
+
+    def features(self, model: RetrievalModel, indices: Sequence[int]) -> FrameFeatures:
+        raw = self.train_inputs(indices, model.device)
+        return model.encode_frames(raw.pixels, raw.mask)
+
+
+class StoreSource:
+    """Frame features from a `vidseek extract` feature store, addressed by the records' keys."""
+
+    def __init__(self, store, keys: Sequence[str]):
+        self.store = store
+        self.keys = list(keys)
+        present = set(r.key for r in store.rows())
+        self.missing = [k for k in self.keys if k not in present]
+
+    @property
+    def usable(self) -> list[int]:
+        missing = set(self.missing)
+        return [i for i, k in enumerate(self.keys) if k not in missing]
+
+    def train_inputs(self, indices: Sequence[int], device: str) -> FrameFeatures:
+        feats, mask = self.store.frame_features([self.keys[i] for i in indices])
+        return FrameFeatures(frames=torch.from_numpy(feats).to(device), mask=torch.from_numpy(mask).to(device))
+
+    def features(self, model: RetrievalModel, indices: Sequence[int]) -> FrameFeatures:
+        return self.train_inputs(indices, model.device)
+
+
+def _stable_int(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+@dataclass
+class EpochBatches:
+    """Deterministic batches of record indices for each epoch (drop the last partial batch so
+    every step has the full contrastive batch, and every rank the same shapes)."""
+
+    usable: Sequence[int]
+    batch_size: int
+    seed: int
+    groups: Sequence[str] | None = None  # hard-negative group id per record (None: no grouping)
+
+    def for_epoch(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.groups is None:
+            order = list(rng.permutation(np.asarray(self.usable)))
+        else:
+            by_group: dict[str, list[int]] = {}
+            for i in self.usable:
+                by_group.setdefault(self.groups[i], []).append(i)
+            names = sorted(by_group)
+            order = [i for g in rng.permutation(len(names)) for i in by_group[names[g]]]
+        n = len(order) // self.batch_size
+        return [[int(i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]] for b in range(n)]
+
+    def caption_choice(self, epoch: int, index: int, num_captions: int) -> int:
+        """Which caption of video `index` is used in `epoch` (independent of the global RNG)."""
+        return _stable_int(self.seed, epoch, index) % num_captions
