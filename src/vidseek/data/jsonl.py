@@ -64,7 +64,7 @@ def load_jsonl(root: str | Path, split: str, *, protocol: str = "multi") -> Retr
         record = _parse_line(line, path, line_number)
         if record.video_id in lines_of_ids:
             raise DatasetError(
-                f"{path} line {line_number}: video_id {record.video_id!r} already used on line "
+                f"{path}: line {line_number}: video_id {record.video_id!r} already used on line "
                 f"{lines_of_ids[record.video_id]}; video ids must be unique"
             )
         lines_of_ids[record.video_id] = line_number
@@ -78,7 +78,7 @@ def load_jsonl(root: str | Path, split: str, *, protocol: str = "multi") -> Retr
 
 
 def _parse_line(line: str, path: Path, line_number: int) -> VideoRecord:
-    where = f"{path} line {line_number}"
+    where = f"{path}: line {line_number}"
     try:
         item: Any = json.loads(line)
     except json.JSONDecodeError as err:
@@ -90,7 +90,7 @@ def _parse_line(line: str, path: Path, line_number: int) -> VideoRecord:
             raise DatasetError(f"{where}: field {key!r} must be a non-empty string")
     if item["split"] not in SPLITS:
         raise DatasetError(f"{where}: split {item['split']!r} is not one of {', '.join(SPLITS)}")
-    captions = caption_list(item.get("captions"), path, f"line {line_number} field 'captions'")
+    captions = caption_list(item.get("captions"), path, f"line {line_number}: field 'captions'")
     times = {}
     for key in ("start", "end"):
         value = item.get(key)

@@ -67,12 +67,12 @@ def load_lsmdc(root: str | Path, split: str, *, video_dir: str | Path | None = N
         fields = line.split("\t")
         if len(fields) != 6:
             raise DatasetError(
-                f"{path} line {line_number}: expected 6 tab-separated fields (clip id, 4 times, "
+                f"{path}: line {line_number}: expected 6 tab-separated fields (clip id, 4 times, "
                 f"sentence), found {len(fields)}; fix the line"
             )
         clip_id, sentence = fields[0].strip(), fields[5].strip()
         if not clip_id or not sentence:
-            raise DatasetError(f"{path} line {line_number}: empty clip id or sentence; fix the line")
+            raise DatasetError(f"{path}: line {line_number}: empty clip id or sentence; fix the line")
         sentences.setdefault(clip_id, []).append(sentence)
         times.setdefault(clip_id, tuple(field.strip() for field in fields[1:5]))
 

@@ -187,7 +187,7 @@ def read_csv_column_rows(
         line = reader.line_num
         empty = [column for column in columns if not (row.get(column) or "").strip()]
         if empty:
-            raise DatasetError(f"{path} line {line}: empty or missing {', '.join(empty)}; fix the line")
+            raise DatasetError(f"{path}: line {line}: empty or missing {', '.join(empty)}; fix the line")
         rows.append((line, {key: value.strip() for key, value in row.items() if isinstance(value, str)}))
     return rows
 
