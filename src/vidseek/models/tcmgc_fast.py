@@ -1,0 +1,213 @@
+"""Exact fast scoring of the TC-MGC language-video attention (METHODS.md, TC-MGC item 7).
+
+Every TC-MGC similarity is a dot product p·f between a text-side *probe* vector p (the sentence,
+a word, or their W_g / W_l projections) and a normalised LVA output f = z/‖z‖ (paper §3.2,
+Eq. 5–11). For a query q and a video's LN1'd frames K (T×D)::
+
+    att = softmax(K·LN1(q)/√d_h)             a = Kᵀ·att             b = LN2(a)
+    c   = M·b + l0   (M = I + W_fc, or W_fc without the residual; dropout off)   z = LN3(c)
+
+Because `a` is a convex combination of K's rows, every LayerNorm statistic is a quadratic form in
+`att`. With y = [att, −μ(a)]/σ(a) and the per-video design matrix X = [M·diag(γ2)·K̃ᵀ | M·γ2]
+(D × (n+1)), c = X·y + e with e = M·β2 + l0, hence
+
+    μ(c) = (1ᵀX·y + 1ᵀe)/D,   ‖c‖² = yᵀ(XᵀX)y + 2(Xᵀe)ᵀy + ‖e‖²,
+    ‖z‖² = [cᵀΓc − 2μ(c)·Γᵀc + μ(c)²·ΣΓ]/σ(c)² + 2[hᵀc − μ(c)·Σh]/σ(c) + ‖β3‖²   (Γ = γ3², h = γ3⊙β3)
+    p·z  = [(p⊙γ3)ᵀX·y + (p⊙γ3)ᵀe − μ(c)·Σ(p⊙γ3)]/σ(c) + p·β3.
+
+So per (text, video) pair the only D-sized work is two GEMM-shaped products (LN1(Q)·K̃ᵀ and
+(P⊙γ3)·X, each ~W×n×D); the rest is O(W·n²) and no [B_t, W, B_v, D] tensor is ever built.
+With H heads, K̃ (n = H·T rows) holds each frame once per head with the other heads' channels
+zeroed, so the same algebra covers multi-head attention (Table 12).
+
+Everything here is differentiable torch code; `TCMGC` uses it whenever the residual FC's
+dropout is inactive (evaluation, reranking), and the direct path otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+if TYPE_CHECKING:  # the module type only; no import cycle at run time
+    from vidseek.models.tcmgc import LanguageVideoAttention
+
+
+@dataclass
+class LVAVideoCache:
+    """What one video contributes to every LVA score; computable once per video at index time.
+
+    n = heads × frames. All tensors have the video batch first, so `tree_cat`/`tree_slice` apply.
+    """
+
+    keys: Tensor  # [B, n, D] LN1(frames) per head (other heads' channels zero), scaled by 1/√d_h
+    mean_weights: Tensor  # [B, n] μ(a) = att · mean_weights
+    key_gram: Tensor  # [B, n, n] K̃K̃ᵀ/D, so ‖a‖²/D = attᵀ·key_gram·att
+    design: Tensor  # [B, n+1, D] Xᵀ = [K̃·diag(γ2)·Mᵀ ; (M·γ2)ᵀ]
+    design_gram: Tensor  # [B, 2, n+1, n+1] XᵀX and Xᵀ·diag(γ3²)·X
+    design_linear: Tensor  # [B, n+1, 5] Xᵀ·[1, γ3², γ3⊙β3, e, γ3²⊙e]
+    frame_valid: Tensor  # [B, n] bool, True at real frames
+
+
+@dataclass
+class LVATextCache:
+    """Text-side quantities for the fast path (per text; batch first)."""
+
+    queries: Tensor  # [B, Q, D] LN1(queries)
+    probes: Tensor  # [B, P, D] p ⊙ γ3
+    probe_bias: Tensor  # [B, P] p·β3
+    probe_e: Tensor  # [B, P] (p ⊙ γ3)·e
+    probe_sum: Tensor  # [B, P] Σ (p ⊙ γ3)
+
+
+def _layer_norm(x: Tensor, ln: torch.nn.LayerNorm) -> Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
+
+
+def lva_constants(lva: "LanguageVideoAttention", dtype: torch.dtype) -> dict[str, Tensor]:
+    """Video-independent pieces of the algebra: M, r = M·γ2, e = M·β2 + l0, γ3 terms."""
+    weight = lva.fc.weight.to(dtype)
+    eye = torch.eye(weight.shape[0], dtype=dtype, device=weight.device)
+    mix = eye + weight if lva.residual else weight  # c = M·b + l0
+    gamma2, beta2 = lva.ln_attended.weight.to(dtype), lva.ln_attended.bias.to(dtype)
+    gamma3, beta3 = lva.ln_out.weight.to(dtype), lva.ln_out.bias.to(dtype)
+    e = mix @ beta2 + lva.fc.bias.to(dtype)
+    gamma3_sq = gamma3 * gamma3
+    h = gamma3 * beta3
+    return {
+        "mix": mix,
+        "r": mix @ gamma2,
+        "e": e,
+        "gamma2": gamma2,
+        "gamma3": gamma3,
+        "beta3": beta3,
+        "gamma3_sq": gamma3_sq,
+        "h": h,
+        "e_sum": e.sum(),
+        "e_sq": e @ e,
+        "e_gamma_e": e @ (gamma3_sq * e),
+        "gamma_e": gamma3_sq @ e,
+        "h_e": h @ e,
+        "gamma_sum": gamma3_sq.sum(),
+        "h_sum": h.sum(),
+        "beta3_sq": beta3 @ beta3,
+    }
+
+
+def head_expanded_keys(keys: Tensor, heads: int) -> Tensor:
+    """[B,T,D] → [B, heads·T, D]: row (h, t) keeps only head h's channels of frame t."""
+    b, t, d = keys.shape
+    head_of_channel = torch.arange(d, device=keys.device) // (d // heads)
+    selector = (head_of_channel[None, :] == torch.arange(heads, device=keys.device)[:, None]).to(keys.dtype)
+    return (keys[:, None, :, :] * selector[None, :, None, :]).reshape(b, heads * t, d)
+
+
+def precompute_video(lva: "LanguageVideoAttention", frames: Tensor, frame_valid: Tensor) -> LVAVideoCache:
+    """Per-video matrices of METHODS item 7 from frames [B,T,D] (temporal-encoded) and mask [B,T]."""
+    c = lva_constants(lva, frames.dtype)
+    d = frames.shape[-1]
+    keys = head_expanded_keys(_layer_norm(frames, lva.ln_query_key), lva.heads)  # K̃ [B,n,D]
+    key_gram = keys @ keys.transpose(1, 2) / d
+    mean_weights = keys.sum(-1) / d
+    a_t = (keys * c["gamma2"]) @ c["mix"].t()  # Aᵀ = K̃·diag(γ2)·Mᵀ  [B,n,D]
+    design = torch.cat([a_t, c["r"].expand(a_t.shape[0], 1, d)], dim=1)  # Xᵀ [B,n+1,D]
+    design_gram = torch.stack(
+        [design @ design.transpose(1, 2), (design * c["gamma3_sq"]) @ design.transpose(1, 2)], dim=1
+    )
+    functionals = torch.stack(
+        [torch.ones_like(c["e"]), c["gamma3_sq"], c["h"], c["e"], c["gamma3_sq"] * c["e"]], dim=1
+    )  # [D,5]
+    valid = frame_valid.bool().repeat(1, lva.heads)  # same (h, t) order as K̃
+    return LVAVideoCache(
+        keys=keys / math.sqrt(d // lva.heads),
+        mean_weights=mean_weights,
+        key_gram=key_gram,
+        design=design,
+        design_gram=design_gram,
+        design_linear=design @ functionals,
+        frame_valid=valid,
+    )
+
+
+def precompute_text(lva: "LanguageVideoAttention", queries: Tensor, probes: Tensor) -> LVATextCache:
+    """queries [B,Q,D] (raw text features: LN1 is applied here), probes [B,P,D] (the p vectors)."""
+    c = lva_constants(lva, probes.dtype)
+    scaled = probes * c["gamma3"]
+    return LVATextCache(
+        queries=_layer_norm(queries, lva.ln_query_key),
+        probes=scaled,
+        probe_bias=probes @ c["beta3"],
+        probe_e=scaled @ c["e"],
+        probe_sum=scaled.sum(-1),
+    )
+
+
+def attention_weights(query_logits: Tensor, heads: int, frame_valid: Tensor | None) -> Tensor:
+    """Softmax over frames per head. query_logits [Bt,Bv,Q,H·T]; frame_valid [Bv,H·T] or None."""
+    if frame_valid is not None:
+        query_logits = query_logits.masked_fill(~frame_valid[None, :, None, :], torch.finfo(query_logits.dtype).min)
+    shape = query_logits.shape
+    return query_logits.unflatten(-1, (heads, shape[-1] // heads)).softmax(-1).reshape(shape)
+
+
+def probe_dots(
+    lva: "LanguageVideoAttention",
+    text: LVATextCache,
+    video: LVAVideoCache,
+    groups: list[tuple[slice, slice]],
+    use_frame_mask: bool,
+) -> list[Tensor]:
+    """p·f for every probe p in a group against every LVA output of that group's queries.
+
+    `groups` pairs a probe slice with a query slice; returns one [Bt, Bv, P_g, Q_g] per group,
+    equal to `einsum('tpd,tvqd->tvpq', P, normalize(LVA(Q, frames)))` without building the D-sized
+    LVA outputs.
+    """
+    c = lva_constants(lva, text.queries.dtype)
+    d = text.queries.shape[-1]
+    bt, q_count, _ = text.queries.shape
+    bv, n, _ = video.keys.shape
+    eps_attended, eps_out = lva.ln_attended.eps, lva.ln_out.eps
+
+    # GEMM 1: attention logits LN1(Q)·K̃ᵀ/√d_h  → [Bt,Bv,Q,n]
+    logits = (text.queries.reshape(bt * q_count, d) @ video.keys.reshape(bv * n, d).t())
+    logits = logits.view(bt, q_count, bv, n).permute(0, 2, 1, 3)
+    att = attention_weights(logits, lva.heads, video.frame_valid if use_frame_mask else None)
+
+    # LN2 statistics of a = K̃ᵀ·att
+    mean_a = torch.einsum("tvqn,vn->tvq", att, video.mean_weights)
+    sq_a = (torch.einsum("tvqn,vnm->tvqm", att, video.key_gram) * att).sum(-1)
+    sigma_a = ((sq_a - mean_a * mean_a).clamp(min=0) + eps_attended).sqrt()
+    y = torch.cat([att, -mean_a.unsqueeze(-1)], dim=-1) / sigma_a.unsqueeze(-1)  # [Bt,Bv,Q,n+1]
+
+    # LN3 statistics of c = X·y + e
+    quad = (torch.einsum("tvqj,vgjk->tvqgk", y, video.design_gram) * y.unsqueeze(-2)).sum(-1)  # [..,2]
+    lin = torch.einsum("tvqj,vjl->tvql", y, video.design_linear)  # [..,5]
+    sum_c = lin[..., 0] + c["e_sum"]
+    mean_c = sum_c / d
+    c_sq = quad[..., 0] + 2 * lin[..., 3] + c["e_sq"]
+    c_gamma_c = quad[..., 1] + 2 * lin[..., 4] + c["e_gamma_e"]
+    gamma_c = lin[..., 1] + c["gamma_e"]
+    h_c = lin[..., 2] + c["h_e"]
+    sigma_c = ((c_sq / d - mean_c * mean_c).clamp(min=0) + eps_out).sqrt()
+    z_sq = ((c_gamma_c - 2 * mean_c * gamma_c + mean_c * mean_c * c["gamma_sum"]) / (sigma_c * sigma_c)
+            + 2 * (h_c - mean_c * c["h_sum"]) / sigma_c + c["beta3_sq"])
+    z_norm = z_sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
+
+    # GEMM 2: (P⊙γ3)·X → [Bt,Bv,P,n+1]
+    p_count = text.probes.shape[1]
+    projected = (text.probes.reshape(bt * p_count, d) @ video.design.reshape(bv * (n + 1), d).t())
+    projected = projected.view(bt, p_count, bv, n + 1).permute(0, 2, 1, 3)
+
+    out = []
+    for probe_slice, query_slice in groups:
+        p_c = projected[:, :, probe_slice] @ y[:, :, query_slice].transpose(-1, -2)  # [Bt,Bv,P,Qg]
+        p_c = p_c + text.probe_e[:, None, probe_slice, None]
+        m_c, s_c = mean_c[:, :, None, query_slice], sigma_c[:, :, None, query_slice]
+        p_z = (p_c - m_c * text.probe_sum[:, None, probe_slice, None]) / s_c + text.probe_bias[:, None, probe_slice, None]
+        out.append(p_z / z_norm[:, :, None, query_slice])
+    return out
