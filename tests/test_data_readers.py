@@ -475,3 +475,23 @@ def test_holdout_is_deterministic_sized_and_order_free():
     assert holdout_ids(["only"], 0.05, salt="x") == set()
     with pytest.raises(ConfigError, match="val_fraction must be between 0 and 1"):
         holdout_ids(video_ids, 1.0, salt="x")
+
+
+def test_file_roots_are_reported_as_files(tmp_path):
+    root = dataset_copy("msrvtt", tmp_path)
+    with pytest.raises(DatasetError, match="MSRVTT_data.json is a file: pass the dataset folder that holds it"):
+        load_dataset(root / "MSRVTT_data.json", "test")
+    assert detect_format(tmp_path / "absent.jsonl") == "jsonl"
+    with pytest.raises(DatasetError, match=f"absent.jsonl not found in {tmp_path}: write one JSON object per line"):
+        load_dataset(tmp_path / "absent.jsonl", "test")
+
+
+def test_byte_order_mark_is_ignored_and_non_utf8_is_reported(tmp_path):
+    root = dataset_copy("msrvtt", tmp_path)
+    csv_path = root / "MSRVTT_train.9k.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # saved by a spreadsheet program
+    assert ids(load_dataset(root, "train")) == ["video0", "video1", "video2"]
+    lsmdc = dataset_copy("lsmdc", tmp_path)
+    (lsmdc / "LSMDC16_annos_val.csv").write_bytes(b"clip\t1\t2\t3\t4\tcaf\xe9\n")
+    with pytest.raises(DatasetError, match="LSMDC16_annos_val.csv is not UTF-8 text"):
+        load_dataset(lsmdc, "val")

@@ -25,6 +25,7 @@ from vidseek.data.records import (
     caption_list,
     check_choice,
     check_split,
+    read_text,
     require_file,
 )
 from vidseek.errors import DatasetError
@@ -54,11 +55,7 @@ def load_jsonl(root: str | Path, split: str, *, protocol: str = "multi") -> Retr
     records: list[VideoRecord] = []
     lines_of_ids: dict[str, int] = {}
     splits_present: set[str] = set()
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{path} is not UTF-8 text ({err.reason}): re-save it as UTF-8") from None
-    for line_number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(read_text(path, WHERE_FROM).split("\n"), start=1):
         if not line.strip():
             continue
         record = _parse_line(line, path, line_number)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vidseek.data import activitynet, didemo, jsonl, lsmdc, msrvtt, msvd, vatex
-from vidseek.data.records import RetrievalDataset
+from vidseek.data.records import RetrievalDataset, dataset_root
 from vidseek.errors import ConfigError, DatasetError
 
 DATASET_FORMATS = ("jsonl", "msrvtt", "didemo", "vatex", "msvd", "lsmdc", "activitynet")
@@ -38,10 +38,9 @@ FORMAT_MARKERS: dict[str, tuple[str, ...]] = {
 def detect_format(root: str | Path) -> str:
     """The dataset format of `root`, judged from the annotation files present."""
     path = Path(root).expanduser().absolute()
-    if path.is_file() and path.suffix == ".jsonl":
-        return "jsonl"
-    if not path.is_dir():
-        raise DatasetError(f"dataset folder {path} does not exist: pass the folder that holds the annotations")
+    if path.suffix == ".jsonl":
+        return "jsonl"  # a missing file is reported by the reader, which names it
+    dataset_root(path)
     for fmt in DATASET_FORMATS:
         if any((path / marker).is_file() for marker in FORMAT_MARKERS[fmt]):
             return fmt

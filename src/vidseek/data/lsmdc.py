@@ -24,7 +24,7 @@ from vidseek.data.records import (
     VideoRecord,
     check_split,
     dataset_root,
-    require_file,
+    read_text,
     resolve_video_dir,
 )
 from vidseek.errors import DatasetError
@@ -52,15 +52,11 @@ def load_lsmdc(root: str | Path, split: str, *, video_dir: str | Path | None = N
     """Read one split of LSMDC; every sentence is a query."""
     root = dataset_root(root)
     check_split(split, SPLITS, "lsmdc")
-    path = require_file(root / ANNOTATION_FILES[split], WHERE_FROM)
+    path = root / ANNOTATION_FILES[split]
     sentences: dict[str, list[str]] = {}
     times: dict[str, tuple[str, ...]] = {}
-    try:
-        # split on "\n" only: str.splitlines would also cut at Unicode separators inside a sentence
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{path} is not UTF-8 text ({err.reason}): re-download the file") from None
-    for line_number, line in enumerate(lines, start=1):
+    # split on "\n" only: str.splitlines would also cut at Unicode separators inside a sentence
+    for line_number, line in enumerate(read_text(path, WHERE_FROM).split("\n"), start=1):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue

@@ -13,6 +13,7 @@ Files (the ones CLIP4Clip, X-CLIP, TS2-Net and CLIP-ViP read)::
 Splits:
 
 * ``train`` — the chosen train csv minus the validation hold-out; every caption of each video.
+  Protocol "multi", as for ``val``: every caption of a held-out video is a query.
 * ``val``   — MSR-VTT has no clean validation split for the 9k/7k protocols (the official
   "validate" videos are inside the 9k training csv, and released code validates on test).
   vidseek holds out a deterministic 5 % of the chosen train csv (`holdout_ids`: the videos with

@@ -125,6 +125,8 @@ def paragraph_text(record: VideoRecord) -> str:
 def dataset_root(root: str | Path) -> Path:
     """The dataset folder as an absolute path; a DatasetError when it does not exist."""
     path = Path(root).expanduser().absolute()
+    if path.is_file():
+        raise DatasetError(f"{path} is a file: pass the dataset folder that holds it")
     if not path.is_dir():
         raise DatasetError(f"dataset folder {path} does not exist: pass the folder that holds the annotations")
     return path
@@ -147,24 +149,29 @@ def require_file(path: Path, where_from: str) -> Path:
     return path
 
 
-def read_json(path: Path, where_from: str) -> Any:
+def read_text(path: Path, where_from: str) -> str:
+    """The text of an annotation file (UTF-8, a leading byte-order mark ignored)."""
     require_file(path, where_from)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path} is not UTF-8 text ({err.reason}): re-download or re-save the file") from None
+
+
+def read_json(path: Path, where_from: str) -> Any:
+    text = read_text(path, where_from)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(
             f"malformed JSON in {path} at line {err.lineno}, column {err.colno}: {err.msg}; "
             "re-download or fix the file"
         ) from None
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{path} is not UTF-8 text ({err.reason}): re-download the file") from None
 
 
 def read_id_list(path: Path, where_from: str) -> list[str]:
     """One id per line (blank lines skipped), as in the CLIP4Clip `*_list.txt` split files."""
-    require_file(path, where_from)
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    ids = [line.strip() for line in read_text(path, where_from).splitlines()]
     return [video_id for video_id in ids if video_id]
 
 
@@ -172,9 +179,7 @@ def read_csv_column_rows(
     path: Path, columns: Sequence[str], where_from: str
 ) -> list[tuple[int, dict[str, str]]]:
     """Rows of a comma-separated file with a header, as (line number, row); each needs `columns`."""
-    require_file(path, where_from)
-    text = path.read_text(encoding="utf-8")
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(read_text(path, where_from)))
     header = reader.fieldnames or []
     absent = [column for column in columns if column not in header]
     if absent:
