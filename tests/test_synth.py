@@ -15,6 +15,7 @@ from vidseek.data.synth import (
     SynthConfig,
     build_annotations,
     generate,
+    object_states,
     order_swapped,
     render_clip,
 )
@@ -106,6 +107,11 @@ def _flat_attributes(meta: dict) -> dict[tuple, str]:
     return flat
 
 
+def path_centres(meta: dict) -> np.ndarray:
+    states = object_states(meta, np.linspace(0.0, 1.0, 33))
+    return np.stack([(states[a].min(1) + states[a].max(1)) / 2 for a in ("x", "y")], 1)
+
+
 def test_hard_negative_partners_are_exact(dataset):
     _, _, records = dataset
     by_id = {r["video_id"]: r for r in records}
@@ -134,6 +140,9 @@ def test_hard_negative_partners_are_exact(dataset):
                 differing = [key for key in a if a[key] != b[key]]
                 assert len(differing) == 1, differing
                 assert differing[0][2] == link["attribute"] in ("colour", "shape", "motion")
+            # Partners share each object's anchor (the centre of its path), so a "moves left" clip
+            # and its "moves right" partner cover the same stretch of the frame.
+            np.testing.assert_allclose(path_centres(meta), path_centres(partner["meta"]), atol=2e-4)
     assert seen_kinds == {"order", "attribute"}
     # Clips that share a group are exactly the linked partners.
     groups: dict[str, set[str]] = {}
@@ -176,17 +185,37 @@ def test_msrvtt_layout_parses(dataset):
     assert json.loads((out / "synth_config.json").read_text())["num_videos"] == 24
 
 
+def test_dataset_readers_load_both_layouts(dataset):
+    from vidseek.data.jsonl import load_jsonl
+    from vidseek.data.msrvtt import load_msrvtt
+
+    out, summary, records = dataset
+    for split, count in summary.counts.items():
+        if count:
+            jsonl = load_jsonl(out, split)
+            assert [r.video_id for r in jsonl.records] == [r["video_id"] for r in records if r["split"] == split]
+            assert not jsonl.missing_videos()
+            assert jsonl.records[0].meta["group"].startswith("g")
+    test = load_msrvtt(out, "test")  # the JSFusion-style 1k-A protocol: one query per test clip
+    assert test.protocol == "single" and len(test) == summary.counts["test"]
+    assert [text for text, _ in test.queries()] == [r["captions"][0] for r in records if r["split"] == "test"]
+    assert not test.missing_videos()
+    train_and_val = len(load_msrvtt(out, "train")) + len(load_msrvtt(out, "val"))
+    assert train_and_val == summary.counts["train"] + summary.counts["val"]
+
+
 def test_rerun_rewrites_only_the_missing_clip(tmp_path):
     config = SynthConfig(num_videos=6, seed=5, frames=4, size=32)
     generate(tmp_path, config, progress=False)
     victim = tmp_path / "videos/all/synth00002.mp4"
     before = decode(victim)
     victim.unlink()
-    (tmp_path / "videos/all/.synth00004.mp4.abc.tmp").write_bytes(b"half")  # a killed run's leftover
+    (tmp_path / "videos/all/.synth00004.mp4.abc.tmp").write_bytes(b"half")  # a killed run's leftovers
+    (tmp_path / ".annotations.jsonl.abc.tmp").write_bytes(b"half")
     summary = generate(tmp_path, config, progress=False)
     assert (summary.written, summary.reused) == (1, 5)
     np.testing.assert_array_equal(decode(victim), before)
-    assert not list((tmp_path / "videos/all").glob(".*.tmp"))
+    assert not list((tmp_path / "videos/all").glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     # Another config invalidates every finished clip, and clips it does not have are removed.
     summary = generate(tmp_path, SynthConfig(num_videos=4, seed=5, frames=4, size=32), progress=False)
     assert (summary.written, summary.reused) == (4, 0)
@@ -267,6 +296,9 @@ def test_scale_blink_and_sequence_timing_render_as_described():
 
 
 def test_invalid_config_is_a_one_line_error(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        generate(tmp_path / "taken", SynthConfig(num_videos=2, size=32, frames=2), progress=False)
     with pytest.raises(ConfigError, match="--size"):
         generate(tmp_path, SynthConfig(num_videos=4, size=33), progress=False)
     with pytest.raises(ConfigError, match="train split"):

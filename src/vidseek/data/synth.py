@@ -717,9 +717,15 @@ def _start_or_resume(out: Path, config: SynthConfig) -> bool:
     Otherwise the folder's synth outputs (from another config or generator version) are removed
     and a fresh manifest is written before any clip, so every later mp4 belongs to it.
     """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"synth output {out} is a file: pass a folder (new or from an earlier synth run)")
     video_dir = out / VIDEO_DIR
     video_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in video_dir.glob(f".{ID_PREFIX}*.mp4.*.tmp"):  # a killed run's partial file
+    # A killed run's partial files (atomic writes leave them only under their temporary names).
+    leftovers = list(video_dir.glob(f".{ID_PREFIX}*.mp4.*.tmp"))
+    for name in OUTPUT_FILES + (MANIFEST_NAME,):
+        leftovers += out.glob(f".{name}.*.tmp")
+    for leftover in leftovers:
         leftover.unlink()
     manifest_path = out / MANIFEST_NAME
     wanted = {"config_hash": config_hash(config), "generator_version": GENERATOR_VERSION}
