@@ -376,10 +376,15 @@ def _fit_text_context(ckpt: ClipCheckpoint, expected: Mapping[str, Tensor], mode
 
 def _check_fits(ckpt: ClipCheckpoint, clip: nn.Module, model_name: str) -> None:
     expected = clip.state_dict()
+    # Derived buffers (the causal attn_mask) are not weights, but TorchScript archives store them.
+    for name, _ in clip.named_buffers():
+        if name not in expected:
+            ckpt.state_dict.pop(name, None)
     _fit_text_context(ckpt, expected, model_name)
     provided = ckpt.state_dict
-    for key, want in expected.items():
-        have = provided.get(key)
+    # Report the patch embedding first: its shape names the patch size, the likeliest mix-up.
+    for key in sorted(expected, key=lambda k: k != "visual.conv1.weight"):
+        want, have = expected[key], provided.get(key)
         if have is not None and have.shape != want.shape:
             raise _fit_error(ckpt, model_name, f"{key} has shape {_shape(have)}, expected {_shape(want)}")
     missing = [k for k in expected if k not in provided]
