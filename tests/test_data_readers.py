@@ -495,3 +495,10 @@ def test_byte_order_mark_is_ignored_and_non_utf8_is_reported(tmp_path):
     (lsmdc / "LSMDC16_annos_val.csv").write_bytes(b"clip\t1\t2\t3\t4\tcaf\xe9\n")
     with pytest.raises(DatasetError, match="LSMDC16_annos_val.csv is not UTF-8 text"):
         load_dataset(lsmdc, "val")
+
+
+def test_malformed_csv_names_the_line(tmp_path):
+    root = dataset_copy("msrvtt", tmp_path)
+    (root / "MSRVTT_train.7k.csv").write_text('video_id\nvideo0\n"video3"x\n')
+    with pytest.raises(DatasetError, match=r"MSRVTT_train.7k.csv: line 3: malformed CSV"):
+        load_dataset(root, "train", train_split="7k")

@@ -179,7 +179,7 @@ def read_csv_column_rows(
     path: Path, columns: Sequence[str], where_from: str
 ) -> list[tuple[int, dict[str, str]]]:
     """Rows of a comma-separated file with a header, as (line number, row); each needs `columns`."""
-    reader = csv.DictReader(io.StringIO(read_text(path, where_from)))
+    reader = csv.DictReader(io.StringIO(read_text(path, where_from)), strict=True)
     header = reader.fieldnames or []
     absent = [column for column in columns if column not in header]
     if absent:
@@ -188,12 +188,16 @@ def read_csv_column_rows(
             f"expected a header with {','.join(columns)}"
         )
     rows = []
-    for row in reader:
-        line = reader.line_num
-        empty = [column for column in columns if not (row.get(column) or "").strip()]
-        if empty:
-            raise DatasetError(f"{path}: line {line}: empty or missing {', '.join(empty)}; fix the line")
-        rows.append((line, {key: value.strip() for key, value in row.items() if isinstance(value, str)}))
+    try:
+        for row in reader:
+            line = reader.line_num
+            empty = [column for column in columns if not (row.get(column) or "").strip()]
+            if empty:
+                raise DatasetError(f"{path}: line {line}: empty or missing {', '.join(empty)}; fix the line")
+            rows.append((line, {key: value.strip() for key, value in row.items() if isinstance(value, str)}))
+    except csv.Error as err:
+        # line_num counts the lines of the rows completed so far: the bad row starts on the next one
+        raise DatasetError(f"{path}: line {reader.line_num + 1}: malformed CSV ({err}); fix the line") from None
     return rows
 
 
