@@ -463,6 +463,11 @@ def _group_kinds(num_videos: int, rng: np.random.Generator) -> list[str]:
     return [str(k) for k in rng.permutation(kinds)]
 
 
+def _sample_scene_kind(rng: np.random.Generator) -> str:
+    """Scene kind of a clip outside an order pair (those are always sequences)."""
+    return str(rng.choice(["single", "concurrent", "sequence"], p=[0.4, 0.2, 0.4]))
+
+
 def _sample_group(rng: np.random.Generator, kind: str, seen: set[tuple]) -> list[dict[str, Any]]:
     """The scenes of one group (1 or 2 clips) with hard-negative links by position in the list."""
     while True:
@@ -471,14 +476,14 @@ def _sample_group(rng: np.random.Generator, kind: str, seen: set[tuple]) -> list
             scenes = [base, order_swapped(base)]
             links = [("order", None)]
         elif kind == "attribute":
-            base = _sample_scene(rng, str(rng.choice(["single", "concurrent", "sequence"], p=[0.4, 0.2, 0.4])))
+            base = _sample_scene(rng, _sample_scene_kind(rng))
             variant = _attribute_variant(rng, base)
             if variant is None:
                 continue
             scenes = [base, variant[0]]
             links = [("attribute", variant[1])]
         else:
-            scenes = [_sample_scene(rng, str(rng.choice(["single", "concurrent", "sequence"], p=[0.4, 0.2, 0.4])))]
+            scenes = [_sample_scene(rng, _sample_scene_kind(rng))]
             links = []
         keys = [scene_key(s) for s in scenes]
         if any(k in seen for k in keys) or len(set(keys)) != len(keys):
@@ -497,10 +502,9 @@ def _sample_group(rng: np.random.Generator, kind: str, seen: set[tuple]) -> list
         return scenes
 
 
-def _assign_splits(groups: list[list[dict[str, Any]]], group_kinds: list[str], config: SynthConfig,
-                   rng: np.random.Generator) -> list[str]:
+def _assign_splits(group_kinds: list[str], config: SynthConfig, rng: np.random.Generator) -> list[str]:
     """A split per group, stratified by group kind so test (and train) hold both hard-negative kinds."""
-    splits = ["train"] * len(groups)
+    splits = ["train"] * len(group_kinds)
     for kind in ("order", "attribute", "single"):
         members = [g for g, k in enumerate(group_kinds) if k == kind]
         members = [members[i] for i in rng.permutation(len(members))]
@@ -523,11 +527,12 @@ def build_annotations(config: SynthConfig) -> list[dict[str, Any]]:
     kinds = _group_kinds(config.num_videos, rng)
     seen: set[tuple] = set()
     groups = [_sample_group(rng, kind, seen) for kind in kinds]
-    splits = _assign_splits(groups, kinds, config, rng)
+    splits = _assign_splits(kinds, config, rng)
     # Ids are handed out in a random order so partners are not neighbours.
     order = rng.permutation(config.num_videos)
     flat = [(g, i) for g, group in enumerate(groups) for i in range(len(group))]
-    ids = {clip: f"{ID_PREFIX}{int(order[k]):05d}" for k, clip in enumerate(flat)}
+    digits = max(5, len(str(config.num_videos - 1)))  # fixed width keeps id order = file order
+    ids = {clip: f"{ID_PREFIX}{int(order[k]):0{digits}d}" for k, clip in enumerate(flat)}
     records = []
     for (g, i), video_id in ids.items():
         scene = groups[g][i]
