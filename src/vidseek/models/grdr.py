@@ -177,10 +177,13 @@ class MultiViewTokenizer(nn.Module):
         return torch.stack([view(video_feats) for view in self.views], dim=1)
 
     def quantize_level(self, residual: Tensor, level: int) -> LevelQuantization:
-        """Quantise a residual [..., W] with codebook `level`: cosine argmax on the L2-normalised
-        residual r̂; straight-through output r̂ + sg(e − r̂)."""
+        """Quantise a residual [..., W] with codebook `level` (assignment on its L2 normalisation)."""
+        return self.quantize_normalized(F.normalize(residual, dim=-1, eps=1e-12), level)
+
+    def quantize_normalized(self, r_hat: Tensor, level: int) -> LevelQuantization:
+        """Quantise a unit-norm residual r̂: cosine argmax over codebook `level`, straight-through
+        output r̂ + sg(e − r̂) (value e, gradient passed to r̂ unchanged)."""
         table = self.codebooks[level]
-        r_hat = F.normalize(residual, dim=-1, eps=1e-12)
         cosine = r_hat @ F.normalize(table, dim=-1, eps=1e-12).t()
         codes = cosine.argmax(dim=-1)
         chosen = table[codes]
