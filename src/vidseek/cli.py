@@ -81,6 +81,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, "--weights", "--clip", help="Local CLIP weights to start from."),
     features: Optional[Path] = typer.Option(None, "--features", help="Feature store (for feature-mode presets)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from another checkpoint's weights (e.g. PIG stage 1)."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global contrastive batch."),
@@ -98,7 +99,8 @@ def train(
     p = get_preset(preset).with_overrides(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                                           micro_batch_size=micro_batch_size, lr=lr, seed=seed)
     result = run_train(p, data, out, weights=str(weights) if weights else None,
-                       features=str(features) if features else None, resume=resume, device=device)
+                       features=str(features) if features else None, resume=resume,
+                       init_from=str(init) if init else None, device=device)
     typer.echo(f"trained {result.step} steps → {result.run_dir}; best {result.best['metric']} = {result.best['value']} "
                f"at step {result.best['step']}")
 
@@ -137,7 +139,7 @@ def eval_cmd(
     for key, value in extra.items():
         typer.echo(f"{key}: {value:.1f}")
     settings = {"preset": p.name, "checkpoint": payload["path"], "step": payload["step"], "split": split,
-                "frames": p.frames, "words": p.words, "batch": p.train.batch_size, "precision": "fp32",
+                "frames": p.frames, "fps": None, "words": p.words, "batch": p.train.batch_size, "precision": "fp32",
                 "sampling": "uniform", "post_processing": "DSL row separate" if dsl else "none",
                 "selected_on": payload.get("best", {}).get("metric", "val")}
     if json_out:

@@ -68,10 +68,11 @@ def train_step(model: RetrievalModel, tokens: torch.Tensor, frames: RawFrames | 
     out = model.loss(*all_gather_tree(cached, dist))
     out.loss.backward()
     after = torch.get_rng_state()
+    cached_grads = tree_map(lambda t: t.grad if t.grad is not None else torch.zeros_like(t), cached)
     for (a, b), state in zip(chunks, rng_states):
         torch.set_rng_state(state)
         fresh = tree_leaves(represent(model, tokens[a:b], tree_slice(frames, a, b)))
-        grads = tree_leaves(tree_map(lambda t: t.grad if t.grad is not None else torch.zeros_like(t), tree_slice(cached, a, b)))
+        grads = tree_leaves(tree_slice(cached_grads, a, b))
         pairs = [(f, g) for f, g, c in zip(fresh, grads, tree_leaves(cached)) if c.requires_grad and f.requires_grad]
         torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
     torch.set_rng_state(after)
@@ -108,11 +109,13 @@ def video_source(preset: Preset, dataset, run_dir: Path, features: str | Path | 
 # --- the loop --------------------------------------------------------------------------------
 
 def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | None = None, features: str | None = None,
-          resume: bool = False, device: str | None = None, progress: bool = True,
+          resume: bool = False, init_from: str | None = None, device: str | None = None, progress: bool = True,
           stop_after_steps: int | None = None) -> TrainResult:
     """Train `preset` on the dataset at `data`; write the run to `out`.
 
-    `resume=True` continues exactly from `out/last.pt`. `stop_after_steps` ends the process's
+    `resume=True` continues exactly from `out/last.pt`. `init_from` starts a NEW run from another
+    checkpoint's weights (e.g. PIG stage 1 → stage 2): parameters with matching names and shapes
+    are copied, the rest keep their initialisation, and what was skipped is logged. `stop_after_steps` ends the process's
     work after that many steps of this invocation (a time-boxed job; a later `resume` goes on).
     """
     from vidseek.eval.runner import evaluate_model
@@ -130,6 +133,10 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     model = create_model(preset, weights=weights).to(device)
+    if init_from and not (resume and last_path.exists()):
+        skipped = init_weights_from(model, init_from)
+        if dist.is_main and skipped:
+            print(f"init from {init_from}: kept fresh initialisation for {len(skipped)} tensors, e.g. {skipped[:3]}")
     train_ds, val_ds = load_split(preset, data, "train"), load_split(preset, data, "val")
     train_src = video_source(preset, train_ds, run_dir, features, model.clip.image_size, progress and dist.is_main)
     val_src = video_source(preset, val_ds, run_dir, features, model.clip.image_size, progress and dist.is_main)
@@ -212,15 +219,26 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
                 step += 1
                 steps_this_run += 1
                 batch_in_epoch += 1
-                bar.update(task, completed=step, description=f"training {preset.name} loss {float(out.loss):.3f}")
+                bar.update(task, completed=step, description=f"training {preset.name} loss {float(out.loss.detach()):.3f}")
                 if step % 10 == 0 or step == total_steps:
-                    log({"step": step, "epoch": epoch, "loss": float(out.loss), "lr": scheduler.get_last_lr()[-1],
+                    log({"step": step, "epoch": epoch, "loss": float(out.loss.detach()), "lr": scheduler.get_last_lr()[-1],
                          "steps_per_s": steps_this_run / (time.perf_counter() - t0), **out.terms})
                 if step % eval_every == 0 or step == total_steps:
                     val_metrics = validate_and_checkpoint()
             if batch_in_epoch >= len(epoch_batches):
                 epoch, batch_in_epoch = epoch + 1, 0
     return TrainResult(run_dir=run_dir, step=step, best=best, final_val=val_metrics)
+
+
+def init_weights_from(model: RetrievalModel, checkpoint: str | Path) -> list[str]:
+    """Copy every same-named, same-shaped tensor from a checkpoint into `model`; return the rest."""
+    source = read_checkpoint(checkpoint)["model"]
+    own = model.state_dict()
+    loadable = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not loadable:
+        raise ConfigError(f"{checkpoint} shares no weights with this model: pass a checkpoint of the same backbone")
+    model.load_state_dict(loadable, strict=False)
+    return sorted(set(own) - set(loadable))
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
