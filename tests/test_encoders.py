@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import pickle
 
 import pytest
 import torch
@@ -231,6 +230,24 @@ def test_openai_torchscript_archive_round_trip_switches_to_quick_gelu(tiny, imag
                                    atol=1e-5, rtol=0)
 
 
+def test_activation_travels_with_the_backbone_state_dict(tiny, images):
+    # A model checkpoint saved after loading OpenAI / HF weights must bring QuickGELU back when
+    # a fresh (GELU) backbone loads it; the state rides along as a tensor, under any prefix.
+    source = copy.deepcopy(tiny)
+    set_mlp_activation(source.model, "text", "quick_gelu")
+    set_mlp_activation(source.model, "visual", "gelu_tanh")
+    assert source.activations == {"visual": "gelu_tanh", "text": "quick_gelu"}
+    holder = nn.ModuleDict({"clip": source})
+    state = holder.state_dict()
+    assert torch.equal(state["clip._extra_state"], torch.tensor([2, 1]))
+
+    target = nn.ModuleDict({"clip": _fresh_tiny()})
+    assert target["clip"].activations == {"visual": "gelu", "text": "gelu"}
+    target.load_state_dict(state)
+    assert target["clip"].activations == {"visual": "gelu_tanh", "text": "quick_gelu"}
+    _assert_same_outputs(source, target["clip"], images)
+
+
 def test_half_precision_openai_state_dict_loads_into_fp32(tiny, tmp_path):
     path = tmp_path / "openai_fp16.pt"
     state = {k: v.half() if v.ndim >= 2 else v for k, v in tiny.model.state_dict().items()}
@@ -367,9 +384,8 @@ def test_garbage_files_are_one_line_errors(tmp_path, name, content, message):
 
 def test_pickled_objects_are_refused_not_executed(tmp_path):
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as fh:
-        pickle.dump({"state_dict": {"w": torch.zeros(1)}, "obj": _NotATensor()}, fh)
-    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint|cannot be loaded safely"):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": _NotATensor()}, path)
+    with pytest.raises(CheckpointError, match="hold Python objects besides tensors and cannot be loaded safely"):
         build_clip("tiny", weights=path)
 
 

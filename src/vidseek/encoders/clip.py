@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vidseek.encoders.tokenizer import tokenize as _tokenize
-from vidseek.encoders.weights import load_clip_weights
+from vidseek.encoders.weights import MLP_ACTIVATIONS, load_clip_weights, mlp_activation, set_mlp_activation
 from vidseek.errors import ConfigError
 from vidseek.models.base import TextFeatures
 
@@ -140,6 +140,23 @@ class ClipBackbone(nn.Module):
         self.patch_size: int = int(visual.patch_size[0])
         self.grid: int = int(visual.grid_size[0])
         self.context_length: int = int(model.context_length)
+
+    # The MLP activation is architecture, not a weight, yet OpenAI / HF weights need QuickGELU.
+    # Saving it as the module's extra state (a small tensor, so tensor-only checkpoint code keeps
+    # it) makes any checkpoint holding this backbone's state dict restore it on load_state_dict.
+    _TOWERS = ("visual", "text")
+
+    @property
+    def activations(self) -> dict[str, str]:
+        """Tower → MLP activation ("gelu" | "quick_gelu" | "gelu_tanh")."""
+        return {tower: mlp_activation(self.model, tower) for tower in self._TOWERS}
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([MLP_ACTIVATIONS.index(mlp_activation(self.model, t)) for t in self._TOWERS])
+
+    def set_extra_state(self, state: Tensor) -> None:
+        for tower, code in zip(self._TOWERS, state.tolist()):
+            set_mlp_activation(self.model, tower, MLP_ACTIVATIONS[int(code)])
 
     # text tower ------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], context_length: int | None = None) -> Tensor:

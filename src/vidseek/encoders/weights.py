@@ -46,6 +46,8 @@ _FOLDER_CANDIDATES = (
     "pytorch_model.bin.index.json",
 )
 
+#: MLP activations a CLIP tower can use (the order is their code in `ClipBackbone`'s extra state).
+MLP_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 #: HF `hidden_act` → our activation names.
 _HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh"}
@@ -84,15 +86,16 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
                               "pass a CLIP checkpoint") from err
 
 
-def _load_torch_file(path: Path) -> Any:
+def _load_torch_file(path: Path) -> tuple[Any, bool]:
+    """(loaded object, whether it was a TorchScript archive — the container OpenAI released)."""
     if _is_torchscript_archive(path):
         try:
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+            return torch.jit.load(str(path), map_location="cpu").state_dict(), True
         except Exception as err:
             raise CheckpointError(f"weights {path} are a TorchScript archive that cannot be loaded "
                                   f"({type(err).__name__}); pass a CLIP checkpoint") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as err:
         # weights_only refuses arbitrary Python objects: we never execute a checkpoint's pickle code.
         raise CheckpointError(f"weights {path} hold Python objects besides tensors and cannot be "
@@ -111,17 +114,17 @@ def _load_sharded(index_path: Path) -> dict[str, Tensor]:
                               "(needs a 'weight_map'); pass the folder of a CLIPModel save") from err
     state: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(_load_raw(index_path.parent / shard))
+        state.update(_load_raw(index_path.parent / shard)[0])
     return state
 
 
-def _load_raw(path: Path) -> Any:
+def _load_raw(path: Path) -> tuple[Any, bool]:
     if not path.exists():
         raise CheckpointError(f"weights file {path} not found; pass the path of a local CLIP checkpoint")
     if path.name.endswith(".index.json"):
-        return _load_sharded(path)
+        return _load_sharded(path), False
     if path.suffix == ".safetensors":
-        return _load_safetensors(path)
+        return _load_safetensors(path), False
     return _load_torch_file(path)
 
 
@@ -258,8 +261,7 @@ def read_clip_checkpoint(path: str | Path) -> ClipCheckpoint:
     path = Path(path).expanduser()
     if path.is_dir():
         path = _resolve_folder(path)
-    is_torchscript = path.is_file() and path.suffix != ".safetensors" and _is_torchscript_archive(path)
-    raw = _load_raw(path)
+    raw, is_torchscript = _load_raw(path)
     carries_openai_attrs = isinstance(raw, Mapping) and "input_resolution" in raw
     state = _as_state_dict(raw, path)
     if is_hf_state_dict(state):
@@ -409,15 +411,32 @@ def _activation_module(name: str) -> nn.Module:
             "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[name]()
 
 
+def _tower_blocks(clip: nn.Module, tower: str) -> nn.ModuleList:
+    return clip.visual.transformer.resblocks if tower == "visual" else clip.transformer.resblocks
+
+
 def set_mlp_activation(clip: nn.Module, tower: str, activation: str) -> None:
-    """Use `activation` ("quick_gelu" | "gelu" | "gelu_tanh") in every MLP of one tower.
+    """Use `activation` (one of `MLP_ACTIVATIONS`) in every MLP of one tower ("visual" | "text").
 
     The activation is not stored in a state dict, yet weights are only right with the one they
     were trained with (OpenAI CLIP: QuickGELU, x·σ(1.702x)).
     """
-    blocks = clip.visual.transformer.resblocks if tower == "visual" else clip.transformer.resblocks
-    for block in blocks:
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"unknown MLP activation {activation!r}; use one of {MLP_ACTIVATIONS}")
+    for block in _tower_blocks(clip, tower):
         block.mlp.gelu = _activation_module(activation)
+
+
+def mlp_activation(clip: nn.Module, tower: str) -> str:
+    """The activation (one of `MLP_ACTIVATIONS`) used by the MLPs of one tower."""
+    from open_clip.transformer import QuickGELU
+
+    act = _tower_blocks(clip, tower)[0].mlp.gelu
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    raise ValueError(f"{tower} tower uses {type(act).__name__}, not one of {MLP_ACTIVATIONS}")
 
 
 def load_clip_weights(model: nn.Module, path: str | Path) -> None:
