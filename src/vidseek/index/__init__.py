@@ -1,1 +1,10 @@
+"""Indexes for the recall stage: dense ANN (FAISS / Milvus) and the semantic-ID trie."""
+from vidseek.index.dense import (
+    DenseIndex,
+    FaissDenseIndex,
+    build_dense_index,
+    choose_index_type,
+    load_dense_index,
+)
 
+__all__ = ["DenseIndex", "FaissDenseIndex", "build_dense_index", "choose_index_type", "load_dense_index"]
