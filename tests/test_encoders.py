@@ -350,7 +350,7 @@ def test_wrong_architecture_names_the_tensor_and_the_fitting_config(tiny, tmp_pa
     with pytest.raises(CheckpointError) as err:
         load_clip_weights(other, path)
     assert str(err.value) == (f"weights {path} do not fit tiny-p12: visual.conv1.weight has shape [96,3,8,8], "
-                              "expected [96,3,12,12]; pass --clip tiny")
+                              "expected [96,3,12,12]; these weights fit tiny: build that CLIP architecture")
     assert guess_clip_name(tiny.model.state_dict()) == "tiny"
 
 
@@ -391,6 +391,32 @@ def test_pickled_objects_are_refused_not_executed(tmp_path):
 
 class _NotATensor:
     pass
+
+
+def test_vidseek_model_checkpoint_is_named_as_such(tiny, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "best.pt"  # the shape of train/checkpoint.py's payload
+    torch.save({"format": 1, "vidseek_version": "0.1", "model": {"clip._extra_state": torch.zeros(2)},
+                "rng": {"numpy": np.random.get_state()}}, path)
+    with pytest.raises(CheckpointError, match="are a vidseek model checkpoint, not CLIP weights"):
+        build_clip("tiny", weights=path)
+
+
+def test_sharded_weights_with_index(tiny, images, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny.model.state_dict().items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, str(tmp_path / shard))
+    index = {"weight_map": {k: shard for shard, names in shards.items() for k in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    _assert_same_outputs(tiny, build_clip("tiny", weights=tmp_path).eval(), images)
 
 
 def test_missing_file_and_empty_folder(tmp_path):

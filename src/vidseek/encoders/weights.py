@@ -75,6 +75,15 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
+def _is_vidseek_checkpoint(path: Path) -> bool:
+    # train/checkpoint.py pickles RNG states (needs full unpickling); its payload names this key.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        return bool(pickles) and b"vidseek_version" in archive.read(pickles[0])
+
+
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
@@ -98,6 +107,9 @@ def _load_torch_file(path: Path) -> tuple[Any, bool]:
         return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as err:
         # weights_only refuses arbitrary Python objects: we never execute a checkpoint's pickle code.
+        if _is_vidseek_checkpoint(path):
+            raise CheckpointError(f"weights {path} are a vidseek model checkpoint, not CLIP weights; load it "
+                                  "with vidseek.load(...) or pass it to `vidseek train --init`") from err
         raise CheckpointError(f"weights {path} hold Python objects besides tensors and cannot be "
                               "loaded safely; save just the state dict (torch.save(model.state_dict()))"
                               ) from err
@@ -355,7 +367,7 @@ def _shape(t: Tensor | torch.Size) -> str:
 def _fit_error(ckpt: ClipCheckpoint, model_name: str, what: str) -> CheckpointError:
     guess = guess_clip_name(ckpt.state_dict)
     if guess is not None and guess != model_name:
-        hint = f"pass --clip {guess}"
+        hint = f"these weights fit {guess}: build that CLIP architecture"
     elif state_dict_architecture(ckpt.state_dict) is None:
         hint = "this is not a CLIP ViT checkpoint"
     else:
