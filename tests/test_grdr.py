@@ -18,6 +18,7 @@ from vidseek.models.grdr import (
     GRDR,
     GRDRConfig,
     GRDRRecall,
+    IncrementalDecoder,
     candidate_hit_rate,
     candidate_size_stats,
     codebook_usage,
@@ -125,6 +126,21 @@ def test_decoder_shares_the_tokenizer_codebooks_and_paths_agree():
     torch.testing.assert_close(step[:, 0], teacher[:, 2])
     # logits = scale·cos with scale = 100 at init, so |logit| ≤ 100
     assert teacher.abs().max() <= 100.0 + 1e-4
+
+
+def test_incremental_decoder_matches_full_recompute_beam_search():
+    torch.manual_seed(7)
+    model = GRDR(tiny_config(decoder_layers=2)).eval()
+    feats, _ = tiny_data(20, seed=7)
+    trie = SemanticIdTrie(model.encode(feats), 8)
+    tokens = model.tokenize(["a red circle moves left", "blue square", "green grows then up"])
+    with torch.no_grad():
+        memory, mask = model.retriever.encode_text(tokens)
+        cached = trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), 3, beams=9)
+        full = trie.constrained_beam_search(
+            lambda prefixes, parents: model.retriever.step_logits(memory, mask, prefixes), 3, beams=9)
+    assert torch.equal(cached[0], full[0])
+    torch.testing.assert_close(cached[1], full[1])
 
 
 def test_contrastive_term_is_dot_product_ce_over_batch():

@@ -14,8 +14,9 @@ def table_logits_fn(tables: torch.Tensor, k: int):
     """Deterministic scorer: logits of query q after prefix p = tables[q, key(p)], where key is a
     distinct row per prefix of any length (offset 1 + K + … for longer prefixes)."""
 
-    def fn(prefixes: torch.Tensor) -> torch.Tensor:
+    def fn(prefixes: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         b, m, i = prefixes.shape
+        assert parents.shape == (b, m)
         offset = sum(k ** j for j in range(i))
         key = torch.zeros(b, m, dtype=torch.long)
         for j in range(i):
@@ -150,3 +151,23 @@ def test_user_errors_are_one_line(tmp_path):
         SemanticIdTrie(np.full((2, 1, 2), 4), 4)
     with pytest.raises(SearchIndexError, match="shape"):
         SemanticIdTrie(np.zeros((2, 3)), 4)
+
+
+def test_parents_point_at_the_beam_each_hypothesis_extends():
+    trie = random_trie(11, n=30, views=2, levels=3, k=5)
+    tables = torch.randn(3, 1 + 5 + 25, 5, generator=torch.Generator().manual_seed(11))
+    score = table_logits_fn(tables, 5)
+    seen: list[torch.Tensor] = []
+
+    def recording(prefixes, parents):
+        if seen:
+            previous = seen[-1]
+            idx = parents[:, :, None].expand(-1, -1, previous.shape[2])
+            assert torch.equal(previous.gather(1, idx), prefixes[:, :, :-1])
+        else:
+            assert torch.equal(parents, torch.zeros(3, 1, dtype=torch.long))
+        seen.append(prefixes.clone())
+        return score(prefixes, parents)
+
+    trie.constrained_beam_search(recording, 3, beams=7)
+    assert [p.shape[1:] for p in seen] == [(1, 0), (5, 1), (7, 2)]

@@ -161,15 +161,17 @@ class SemanticIdTrie:
     @torch.no_grad()
     def constrained_beam_search(
         self,
-        step_logits_fn: Callable[[Tensor], Tensor],
+        step_logits_fn: Callable[[Tensor, Tensor], Tensor],
         num_queries: int,
         beams: int,
         levels: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Trie-constrained beam search, batched over queries (GRDR inference).
 
-        `step_logits_fn(prefixes [B, M, i]) -> logits [B, M, K]` scores the next code for each of
-        the M live beams of every query. A beam's score is the sum of log-softmax over all K codes
+        `step_logits_fn(prefixes [B, M, i], parents [B, M]) -> logits [B, M, K]` scores the next
+        code for each of the M live beams of every query; `parents` gives, for each beam, the
+        index of the beam it extends among the previous call's M' beams (zeros at the first
+        call), so an incremental decoder can re-order its cache. A beam's score is the sum of log-softmax over all K codes
         at each step (as in the release's HF constrained generation: disallowed codes are masked
         after the softmax, so probabilities are not renormalised over the allowed set).
 
@@ -186,8 +188,9 @@ class SemanticIdTrie:
         prefixes = torch.zeros(b, 1, 0, dtype=torch.long)
         scores = torch.zeros(b, 1)
         nodes = torch.zeros(b, 1, dtype=torch.long)
+        parents = torch.zeros(b, 1, dtype=torch.long)
         for level in range(levels):
-            logits = step_logits_fn(prefixes)
+            logits = step_logits_fn(prefixes, parents)
             m = prefixes.shape[1]
             if logits.shape != (b, m, k):
                 raise SearchIndexError(
@@ -202,7 +205,7 @@ class SemanticIdTrie:
             nodes = torch.where(torch.isfinite(top_scores), child, torch.full_like(child, -1))
             prefixes = torch.cat(
                 [prefixes.gather(1, beam_of.unsqueeze(-1).expand(-1, -1, level)), code.unsqueeze(-1)], dim=2)
-            scores = top_scores
+            scores, parents = top_scores, beam_of
         dead = ~torch.isfinite(scores)
         prefixes = prefixes.masked_fill(dead.unsqueeze(-1), -1)
         if prefixes.shape[1] < beams:  # fewer IDs than beams: pad with empty rows

@@ -333,6 +333,65 @@ class ClipTextEncoder(nn.Module):
 
 # --- generative retriever ------------------------------------------------------------------------------
 
+class BeamDecoderBlock(nn.Module):
+    """Pre-norm transformer decoder block (causal self-attention, cross-attention, MLP) over
+    x [B, M, S, W]: M hypotheses (beams) per query share that query's memory, so the memory's
+    keys/values are projected once per query instead of once per beam — at 100 beams the
+    per-beam projection would dominate decoding cost."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ConfigError(f"GRDR decoder width {width} is not divisible by decoder_heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.norm_self, self.norm_cross, self.norm_mlp = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_qkv, self.self_out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.cross_q, self.cross_kv, self.cross_out = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys/values of the memory [B, L, W] → two [B, H, L, W/H]."""
+        b, length, w = memory.shape
+        k, v = self.cross_kv(memory).reshape(b, length, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def _cross_and_mlp(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        b, m, s, w = x.shape
+        p = self.dropout if self.training else 0.0
+        q = self.cross_q(self.norm_cross(x)).reshape(b, m * s, self.heads, w // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask[:, None, None, :], dropout_p=p)
+        x = x + self.drop(self.cross_out(a.transpose(1, 2).reshape(b, m, s, w)))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+    def _self_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, m, s, w = x.shape
+        q, k, v = self.self_qkv(self.norm_self(x)).reshape(b, m, s, 3, self.heads, w // self.heads).permute(3, 0, 1, 4, 2, 5)
+        return q, k, v  # each [B, M, H, S, W/H]
+
+    def forward(self, x: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+        """All S positions at once (training, teacher forcing), causal self-attention."""
+        b, m, s, w = x.shape
+        q, k, v = (t.reshape(b * m, self.heads, s, w // self.heads) for t in self._self_qkv(x))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.self_out(a.transpose(1, 2).reshape(b, m, s, w)))
+        return self._cross_and_mlp(x, self.memory_kv(memory), mask)
+
+    def step(self, x: Tensor, past: tuple[Tensor, Tensor] | None, kv: tuple[Tensor, Tensor],
+             mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One new position x [B, M, 1, W] attending to the cached keys/values of the earlier
+        positions (past: two [B, M, H, i, W/H]) → output and the extended cache."""
+        b, m, _, w = x.shape
+        q, k, v = self._self_qkv(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
+        h, s, d = self.heads, k.shape[3], w // self.heads
+        a = F.scaled_dot_product_attention(q.reshape(b * m, h, 1, d), k.reshape(b * m, h, s, d),
+                                           v.reshape(b * m, h, s, d))
+        x = x + self.drop(self.self_out(a.transpose(1, 2).reshape(b, m, 1, w)))
+        return self._cross_and_mlp(x, kv, mask), (k, v)
+
+
 class GenerativeRetriever(nn.Module):
     """Text encoder + small causal transformer decoder over semantic-ID codes (release: T5).
 
@@ -350,9 +409,8 @@ class GenerativeRetriever(nn.Module):
         self.codebooks = codebooks
         self.start = nn.Parameter(torch.randn(w) * 0.02)
         self.step_position = nn.Parameter(torch.randn(config.levels, w) * 0.02)
-        layer = nn.TransformerDecoderLayer(w, config.decoder_heads, 4 * w, config.dropout,
-                                           batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(layer, config.decoder_layers)
+        self.blocks = nn.ModuleList(
+            [BeamDecoderBlock(w, config.decoder_heads, config.dropout) for _ in range(config.decoder_layers)])
         self.final_norm = nn.LayerNorm(w)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
 
@@ -364,15 +422,19 @@ class GenerativeRetriever(nn.Module):
         states, mask = self.text_encoder(tokens)
         return self.text_proj(states), mask
 
+    def decode_beams(self, memory: Tensor, mask: Tensor, prefixes: Tensor) -> Tensor:
+        """prefixes [B, M, i] (M hypotheses per query) → hidden states [B, M, i+1, W]."""
+        b, m, i = prefixes.shape
+        inputs = [self.start.expand(b, m, -1)]
+        inputs += [self.codebooks[j][prefixes[:, :, j]] for j in range(i)]
+        x = torch.stack(inputs, dim=2) + self.step_position[: i + 1]
+        for block in self.blocks:
+            x = block(x, memory, mask)
+        return self.final_norm(x)
+
     def decode(self, memory: Tensor, mask: Tensor, prev_codes: Tensor) -> Tensor:
-        """Teacher-forced / incremental decoding: prev_codes [B, i] → hidden states [B, i+1, W]."""
-        b, steps = prev_codes.shape[0], prev_codes.shape[1] + 1
-        inputs = [self.start.expand(b, -1)]
-        inputs += [self.codebooks[j][prev_codes[:, j]] for j in range(steps - 1)]
-        x = torch.stack(inputs, dim=1) + self.step_position[:steps]
-        causal = torch.triu(torch.ones(steps, steps, dtype=torch.bool, device=x.device), diagonal=1)
-        h = self.decoder(x, memory, tgt_mask=causal, memory_key_padding_mask=~mask)
-        return self.final_norm(h)
+        """Teacher forcing: prev_codes [B, i] → hidden states [B, i+1, W]."""
+        return self.decode_beams(memory, mask, prev_codes.unsqueeze(1))[:, 0]
 
     def code_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, S, W] → logits [B, S, K], step j scored against codebook j."""
@@ -381,14 +443,50 @@ class GenerativeRetriever(nn.Module):
         return torch.stack(logits, dim=1) * self.logit_scale()
 
     def step_logits(self, memory: Tensor, mask: Tensor, prefixes: Tensor) -> Tensor:
-        """Beam-search step: prefixes [B, M, i] → logits of code i [B, M, K]."""
+        """Beam-search step without a cache: prefixes [B, M, i] → logits of code i [B, M, K]."""
+        i = prefixes.shape[2]
+        hidden = self.decode_beams(memory, mask, prefixes.to(memory.device))[:, :, -1]
+        return self.level_logits(hidden, i)
+
+    def level_logits(self, hidden: Tensor, level: int) -> Tensor:
+        """scale · cos(hidden [..., W], codebook_level rows) → [..., K]."""
+        h = F.normalize(hidden, dim=-1, eps=1e-12)
+        return h @ F.normalize(self.codebooks[level], dim=-1, eps=1e-12).t() * self.logit_scale()
+
+
+class IncrementalDecoder:
+    """Step function for `SemanticIdTrie.constrained_beam_search` with a key/value cache.
+
+    Each call decodes only the newest position of every beam; the cached self-attention keys and
+    values are re-ordered by `parents` (the beam each new hypothesis extends) and the memory's
+    cross-attention keys/values are projected once per query. Same logits as `step_logits`.
+    """
+
+    def __init__(self, retriever: GenerativeRetriever, memory: Tensor, mask: Tensor):
+        self.retriever, self.mask = retriever, mask
+        self.memory_kv = [block.memory_kv(memory) for block in retriever.blocks]
+        self.cache: list[tuple[Tensor, Tensor]] | None = None
+
+    @torch.no_grad()
+    def __call__(self, prefixes: Tensor, parents: Tensor) -> Tensor:
+        r = self.retriever
         b, m, i = prefixes.shape
-        mem = memory.unsqueeze(1).expand(b, m, *memory.shape[1:]).reshape(b * m, *memory.shape[1:])
-        msk = mask.unsqueeze(1).expand(b, m, mask.shape[1]).reshape(b * m, mask.shape[1])
-        hidden = self.decode(mem, msk, prefixes.reshape(b * m, i).to(memory.device))
-        h = F.normalize(hidden[:, -1], dim=-1, eps=1e-12)
-        logits = h @ F.normalize(self.codebooks[i], dim=-1, eps=1e-12).t() * self.logit_scale()
-        return logits.reshape(b, m, -1)
+        device = self.mask.device
+        if i == 0:
+            x = r.start.expand(b, m, -1)
+        else:
+            x = r.codebooks[i - 1][prefixes[:, :, i - 1].to(device)]
+        x = (x + r.step_position[i]).unsqueeze(2)
+        past_all: list[tuple[Tensor, Tensor] | None] = [None] * len(r.blocks)
+        if self.cache is not None:
+            idx = parents.to(device)[:, :, None, None, None]
+            past_all = [tuple(t.gather(1, idx.expand(-1, -1, *t.shape[2:])) for t in kv) for kv in self.cache]
+        new_cache = []
+        for block, past, kv in zip(r.blocks, past_all, self.memory_kv):
+            x, cached = block.step(x, past, kv, self.mask)
+            new_cache.append(cached)
+        self.cache = new_cache
+        return r.level_logits(r.final_norm(x[:, :, 0]), i)
 
 
 # --- the bundle -------------------------------------------------------------------------------------
@@ -536,8 +634,7 @@ class GRDRRecall:
         tokens = self.text_tokenizer(list(texts)).to(device)
         memory, mask = self.model.retriever.encode_text(tokens)
         return self.trie.constrained_beam_search(
-            lambda prefixes: self.model.retriever.step_logits(memory, mask, prefixes),
-            num_queries=len(texts), beams=beams)
+            IncrementalDecoder(self.model.retriever, memory, mask), num_queries=len(texts), beams=beams)
 
     def recall(self, texts: list[str], beams: int) -> list[list[int]]:
         """Candidate video indices per query: each beam ID expanded to its videos, de-duplicated."""
