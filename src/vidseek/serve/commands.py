@@ -1,0 +1,134 @@
+"""The search-engine commands of the `vidseek` CLI: index, search, serve, demo.
+
+`vidseek.cli` calls `register(cli)`; every user mistake raises a `VidseekError`, which the CLI
+prints as one line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vidseek.errors import ConfigError
+
+
+def index_cmd(
+    items: Optional[List[str]] = typer.Argument(None, help="A folder of videos, a dataset folder or a .jsonl file "
+                                                            "(with --remove: the video ids to delete)."),
+    out: Path = typer.Option(..., "--out", help="Index folder (created, or updated incrementally)."),
+    recall: Optional[str] = typer.Option(None, "--recall", help="Recall checkpoint: CKPT (dense two-tower/PIG) "
+                                                                 "or grdr:CKPT. Needed for a new index."),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="Reranker checkpoint (e.g. TC-MGC)."),
+    remove: bool = typer.Option(False, "--remove", help="Delete the given video ids from the index."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split of a dataset."),
+    segment_seconds: Optional[float] = typer.Option(None, "--segment-seconds", help="Cut long videos into windows of S seconds."),
+    overlap: float = typer.Option(0.0, "--overlap", help="Window overlap in seconds."),
+    index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivf<nlist>,flat, ivf<nlist>,pq<m>, hnsw<M>."),
+    backend: str = typer.Option("faiss", "--backend", help="Dense index backend: faiss or milvus."),
+    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="Milvus server URI or milvus-lite file "
+                                                                         "(default <out>/recall/milvus.db)."),
+    memory_budget: str = typer.Option("4G", "--memory-budget", help="RAM the dense index may use (chooses PQ above it)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Index a video collection for text search (re-run to add new videos; --remove to delete)."""
+    from vidseek.search.indexer import Indexer, parse_memory
+
+    items = items or []
+    if backend not in ("faiss", "milvus"):
+        raise ConfigError(f"unknown --backend {backend!r}: use faiss or milvus")
+    if remove:
+        if not items:
+            raise ConfigError("--remove needs the video ids to delete, e.g. `vidseek index --out IDX --remove cat/clip1`")
+        with Indexer(out, recall=recall, rerank=rerank, device=device, progress=False) as indexer:
+            removed = indexer.remove(items)
+        typer.echo(f"removed {removed} entries of {len(items)} video id(s) from {out}")
+        return
+    if len(items) != 1:
+        raise ConfigError(f"pass exactly one video source (folder, dataset folder or .jsonl), got {len(items)}")
+    with Indexer(out, recall=recall, rerank=rerank, segment_seconds=segment_seconds, overlap_seconds=overlap,
+                 index_type=index_type, backend=backend, milvus_uri=milvus_uri,
+                 memory_budget_bytes=parse_memory(memory_budget), device=device, batch_size=batch_size,
+                 workers=workers) as indexer:
+        summary = indexer.add(items[0], split=split)
+    typer.echo(f"indexed {summary.added} new entries ({summary.processed} extracted, {summary.skipped_existing} "
+               f"already stored, {summary.failed} failed); index now holds {summary.total_videos} videos / "
+               f"{summary.total_keys} entries → {out}")
+    for key, error in summary.failures[:20]:
+        typer.echo(f"  failed {key}: {error}")
+    if len(summary.failures) > 20:
+        typer.echo(f"  … and {len(summary.failures) - 20} more (see {out / 'index.json'})")
+
+
+def print_hits(hits: list, title: str) -> None:
+    """A rich table of hits: rank, video, window, final/recall/rerank scores."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("#", "video", "window (s)", "score", "recall", "rerank", "file"):
+        table.add_column(column, overflow="fold")
+    for rank, hit in enumerate(hits, 1):
+        end = "?" if hit.end is None else f"{hit.end:.1f}"
+        rerank = "–" if hit.rerank_score is None else f"{hit.rerank_score:.4f}"
+        table.add_row(str(rank), hit.video_id, f"{hit.start:.1f}–{end}", f"{hit.score:.4f}",
+                      f"{hit.recall_score:.4f}", rerank, hit.path)
+    Console().print(table)
+
+
+def search_cmd(
+    index: Path = typer.Argument(..., help="Index folder from `vidseek index`."),
+    text: str = typer.Argument(..., help="What happens in the video."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of videos."),
+    recall_k: int = typer.Option(100, "--recall-k", help="Candidates passed from recall to the reranker."),
+    no_rerank: bool = typer.Option(False, "--no-rerank", help="Recall scores only."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Search an index from the command line."""
+    from vidseek.search.searcher import Searcher
+
+    with Searcher(index, device=device) as searcher:
+        hits = searcher.search(text, k=k, recall_k=recall_k, rerank=not no_rerank)
+    if json_out:
+        typer.echo(json.dumps({"query": text, "results": [h.to_dict() for h in hits]}, indent=2))
+    else:
+        print_hits(hits, title=f"“{text}”")
+
+
+def serve_cmd(
+    index: Path = typer.Argument(..., help="Index folder from `vidseek index`."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Serve the search API and web page (http://HOST:PORT/, API docs at /docs)."""
+    import uvicorn
+
+    from vidseek.serve.app import create_app
+
+    app = create_app(index, device=device)
+    typer.echo(f"vidseek: serving {index} at http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def demo_cmd(
+    no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the example queries."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Work folder (default ~/.cache/vidseek/demo)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+) -> None:
+    """Synthetic videos → train a tiny model → index → example queries → web UI, in minutes on a CPU."""
+    from vidseek.search.demo import run_demo
+
+    run_demo(cache=cache, serve=not no_serve, host=host, port=port)
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("index")(index_cmd)
+    cli.command("search")(search_cmd)
+    cli.command("serve")(serve_cmd)
+    cli.command("demo")(demo_cmd)
