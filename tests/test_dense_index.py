@@ -244,3 +244,20 @@ def test_milvus_lite_and_faiss_flat_return_the_same_top_k(milvus_folder):
     with pytest.raises(SearchIndexError, match="dimension mismatch"):
         build_dense_index(32, backend="milvus", milvus_uri=str(milvus_folder / "dense.db"), collection="test_vectors")
     reopened.close()
+
+
+def test_auto_index_under_a_small_budget_grows_from_flat_into_ivf_pq():
+    vectors = unit_vectors(12_000, 16, seed=12)
+    index = build_dense_index(16, memory_budget_bytes=200_000)
+    index.add(np.arange(1000), vectors[:1000])  # 1000·(64 + 8) = 72 kB fits: exact
+    assert index.index_type == "flat"
+    index.add(np.arange(1000, 12_000), vectors[1000:])
+    # 12000·72 B > 200 kB → nlist 256 (4·√12000 = 438); pq4: 144,000 + 2·16,384 = 176,768 B fits
+    assert index.index_type == "ivf256,pq4" and len(index) == 12_000 and index.trained_count == 12_000
+    assert index.remove(np.arange(0, 12_000, 2)) == 6000
+    live_ids, decoded = index._export()  # what a retrain would start from: PQ reconstructions
+    np.testing.assert_array_equal(np.sort(live_ids), np.arange(1, 12_000, 2))
+    errors = np.linalg.norm(decoded - vectors[live_ids], axis=1)
+    assert errors.mean() < 0.3  # 4 dims per 8-bit code on unit vectors
+    _, found = index.search(vectors[1:2000:2], 10)
+    assert np.mean([row_id in row for row_id, row in zip(range(1, 2000, 2), found)]) >= 0.9

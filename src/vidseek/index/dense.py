@@ -58,7 +58,8 @@ CALIBRATION_TARGET_RECALL = 0.97
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
 HNSW_EF_SEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-HNSW_COMPACT_DEAD_FRACTION = 0.5   # rebuild the graph once half of its nodes are tombstones
+HNSW_COMPACT_DEAD_FRACTION = 0.5
+APPEND_CHUNK_ROWS = 65_536   # rebuild the graph once half of its nodes are tombstones
 
 INDEX_TYPE_HELP = "use 'auto', 'flat', 'ivf<nlist>,flat', 'ivf<nlist>,pq<m>' or 'hnsw<M>'"
 
@@ -312,7 +313,8 @@ class FaissDenseIndex:
         once half of its nodes are dead.
 
     Training and growth:
-      * A trained type trains on the first ``add`` (k-means on ≤ 64·nlist sampled vectors). With
+      * A trained type trains on the first ``add`` (k-means on ≤ 64 sampled vectors per centroid
+        of the larger of the IVF and PQ codebooks). With
         fewer than 39·nlist vectors (FAISS's minimum) it falls back to exact ``flat``:
         ``index_type`` then reads ``"flat"`` and ``note`` says why; it converts to the requested
         type on the first ``add`` that brings enough vectors.
@@ -500,11 +502,12 @@ class FaissDenseIndex:
             self._alive = np.zeros(0, bool)
             self._hnsw_ids = np.zeros(0, np.int64)
         else:
-            encoding = f"PQ{spec.pq_m}" if spec.pq_m else "Flat"
+            encoding = f"PQ{spec.pq_m}np" if spec.pq_m else "Flat"  # np: skip slow polysemous training
             index = faiss.index_factory(self.dim, f"IVF{spec.nlist},{encoding}", faiss.METRIC_INNER_PRODUCT)
             index.cp.niter = KMEANS_ITERATIONS
             index.cp.max_points_per_centroid = KMEANS_MAX_POINTS_PER_CENTROID
-            sample_size = min(ids.size, KMEANS_MAX_POINTS_PER_CENTROID * spec.nlist)
+            largest_codebook = max(spec.nlist, PQ_CODEBOOK_SIZE if spec.pq_m else 0)
+            sample_size = min(ids.size, KMEANS_MAX_POINTS_PER_CENTROID * largest_codebook)
             sample = np.random.default_rng(0).choice(ids.size, sample_size, replace=False) if sample_size < ids.size else slice(None)
             index.train(vectors[sample])
         self._index = index
@@ -519,8 +522,10 @@ class FaissDenseIndex:
         holdout_size = min(CALIBRATION_QUERIES, ids.size // 10)
         order = np.random.default_rng(0).permutation(ids.size)
         held_out, indexed = np.sort(order[:holdout_size]), np.sort(order[holdout_size:])
-        self._append(ids[indexed], vectors[indexed])
-        self.search_effort, self.calibrated_recall = self._calibrate(spec, vectors[held_out], vectors[indexed], ids[indexed])
+        for start in range(0, indexed.size, APPEND_CHUNK_ROWS):  # chunks: no full copy of `vectors`
+            rows = indexed[start:start + APPEND_CHUNK_ROWS]
+            self._append(ids[rows], vectors[rows])
+        self.search_effort, self.calibrated_recall = self._calibrate(spec, vectors, ids, held_out)
         self._append(ids[held_out], vectors[held_out])
 
     def _append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -574,22 +579,26 @@ class FaissDenseIndex:
         ids = np.where(positions >= 0, self._hnsw_ids[np.maximum(positions, 0)], -1)
         return scores, ids
 
-    def _calibrate(self, spec: IndexSpec, queries: np.ndarray, base_vectors: np.ndarray,
-                   base_ids: np.ndarray) -> tuple[int, float | None]:
-        """Smallest nprobe / efSearch on a ladder whose recall@10 (vs exact top-10 of `queries` over
-        the indexed `base_vectors`) reaches CALIBRATION_TARGET_RECALL. Binary search: recall is
-        monotone in nprobe and nearly so in efSearch."""
+    def _calibrate(self, spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
+                   held_out: np.ndarray) -> tuple[int, float | None]:
+        """Smallest nprobe / efSearch on a ladder whose recall@10 for the `held_out` rows (queries,
+        not yet indexed) against their exact top-10 among the other rows (indexed) reaches
+        CALIBRATION_TARGET_RECALL. Binary search: recall is monotone in nprobe, nearly so in efSearch."""
         import faiss
 
         if spec.kind == "ivf":
             ladder = ivf_nprobe_ladder(spec.nlist)
         else:
             ladder = list(HNSW_EF_SEARCH_LADDER)
-        k = min(CALIBRATION_K, base_ids.size)
-        if queries.shape[0] == 0 or k < 1:
+        k = min(CALIBRATION_K, ids.size - held_out.size)
+        if held_out.size == 0 or k < 1:
             return ladder[-1], None  # too few vectors to measure: search exhaustively
-        _, exact_rows = faiss.knn(queries, base_vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        exact_ids = base_ids[exact_rows]
+        queries = vectors[held_out]
+        # exact top-(k + |held_out|) over all rows, then drop held-out rows: k indexed rows remain
+        _, exact_rows = faiss.knn(queries, vectors, k + held_out.size, metric=faiss.METRIC_INNER_PRODUCT)
+        is_held_out = np.isin(exact_rows, held_out)
+        first_indexed = np.argsort(is_held_out, axis=1, kind="stable")[:, :k]
+        exact_ids = ids[np.take_along_axis(exact_rows, first_indexed, axis=1)]
         recall_by_effort: dict[int, float] = {}
 
         def recall(effort: int) -> float:
