@@ -176,6 +176,32 @@ def read_store_config(root: str | Path) -> dict:
                            f"re-run `vidseek extract` into a new --out folder") from err
 
 
+_LOCK_FDS_HELD: set[int] = set()
+_FORK_HOOK_REGISTERED = False
+
+
+def _forget_lock_in_forked_children(fd: int) -> None:
+    """Close inherited writer-lock descriptors in forked children (e.g. DataLoader workers).
+
+    An flock belongs to the open file, which a fork shares: a decode worker outliving a killed
+    `extract` would otherwise keep the store locked until it notices its parent is gone.
+    """
+    global _FORK_HOOK_REGISTERED
+    _LOCK_FDS_HELD.add(fd)
+    if not _FORK_HOOK_REGISTERED:
+        os.register_at_fork(after_in_child=_close_inherited_locks)
+        _FORK_HOOK_REGISTERED = True
+
+
+def _close_inherited_locks() -> None:
+    for fd in _LOCK_FDS_HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS_HELD.clear()
+
+
 @dataclass(frozen=True)
 class StoredItem:
     """Identity of one stored row: `key` is `video_id`, or `f"{video_id}#{k}"` for window k."""
@@ -248,13 +274,14 @@ class FeatureStore:
 
     def _acquire_writer_lock(self) -> int:
         # flock is released by the kernel when the holder dies, so kill -9 never leaves it stale.
-        fd = os.open(self.root / WRITER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / WRITER_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(f"another process is writing to feature store {self.root}; "
                               f"wait for it to finish or use another --out folder") from None
+        _forget_lock_in_forked_children(fd)
         return fd
 
     # --- settings ---------------------------------------------------------------------------
@@ -358,6 +385,7 @@ class FeatureStore:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
+            _LOCK_FDS_HELD.discard(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> "FeatureStore":
