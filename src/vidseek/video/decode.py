@@ -88,7 +88,9 @@ class _EndOfStream(Exception):
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    # FFmpeg errors carry a readable strerror; str() adds the errno and the file name again.
+    text = getattr(err, "strerror", None) or str(err)
+    return " ".join(str(text).split()) or type(err).__name__
 
 
 @contextmanager
@@ -157,7 +159,26 @@ def _count_frames_from_tail(container, stream, timing: _Timing, duration: float 
     return last_index + 1
 
 
+def _check_index_within_file(path: str | Path, stream) -> None:
+    """A file cut short keeps an index (mp4 `moov` at the front) that points past its end.
+
+    Only the last entries are looked at: they hold the largest offsets, and a long video has
+    hundreds of thousands of entries.
+    """
+    entries = stream.index_entries
+    file_size = Path(path).stat().st_size
+    for position in range(max(0, len(entries) - 16), len(entries)):
+        entry = entries[position]
+        if entry.pos >= 0 and entry.pos + entry.size > file_size:
+            raise VideoDecodeError(
+                path,
+                f"truncated: the container index points past the end of the file ({file_size} bytes); "
+                "re-download or re-encode it",
+            )
+
+
 def _info_from_stream(path: str | Path, container, stream, timing: _Timing) -> VideoInfo:
+    _check_index_within_file(path, stream)
     if stream.duration is not None and stream.duration > 0:
         duration: float | None = float(stream.duration * timing.time_base)
     elif container.duration is not None and container.duration > 0:
@@ -342,6 +363,7 @@ def read_frames(
             except _EndOfStream as short:
                 _check_plausible_shortfall(path, declared_frames, short.frame_count, info.total_frames)
                 info = replace(info, total_frames=short.frame_count)
+                container.seek(timing.start_pts, stream=stream, backward=True, any_frame=False)  # leave end-of-stream
                 continue
             return Clip(frames=frames, indices=wanted, timestamps=timestamps, info=info)
 
