@@ -175,10 +175,10 @@ def test_read_frames_fps_sampling(clips):
 
 
 def test_read_frames_segment(clips):
-    # [0.5 s, 1.3 s) holds frames 13..32 (20 frames); uniform offsets over 20:
-    # linspace(0, 19, 12) rounded = 0 2 3 5 7 9 10 12 14 16 17 19
+    # Frames on screen during [0.5 s, 1.3 s): 12 (shown 0.48-0.52 s) .. 32 (1.28-1.32 s), 21 frames;
+    # uniform offsets: linspace(0, 20, 12) rounded = 0 2 4 5 7 9 11 13 15 16 18 20
     clip = read_frames(clips["clip50"], num_frames=12, start=0.5, end=1.3)
-    expected = [13, 15, 16, 18, 20, 22, 23, 25, 27, 29, 30, 32]
+    expected = [12, 14, 16, 17, 19, 21, 23, 25, 27, 28, 30, 32]
     assert clip.indices == expected
     assert _frame_numbers(clip.frames) == expected
 
@@ -313,6 +313,19 @@ def test_bad_options(clips):
         read_frames(clips["clip50"], sampling="jitter")
     with pytest.raises(ConfigError, match="holds no frames"):
         read_frames(clips["clip50"], start=5.0, end=6.0)
+    with pytest.raises(ConfigError, match="need 0 <= start < end"):
+        read_frames(clips["clip50"], start=1.0, end=1.0)
+
+
+def test_every_window_of_a_video_holds_frames(clips):
+    # The tail window (1.98 s, 2.0 s) starts after the last frame's start time (1.96 s) but frame 49
+    # is still on screen then.
+    windows = segment_windows(probe(clips["clip50"]).duration, 0.66)
+    assert windows[-1] == pytest.approx((1.98, 2.0))
+    for start, end in windows:
+        clip = read_frames(clips["clip50"], num_frames=3, start=start, end=end)
+        assert _frame_numbers(clip.frames) == clip.indices
+    assert read_frames(clips["clip50"], num_frames=3, start=1.98, end=2.0).indices == [49]
 
 
 # ---------------------------------------------------------------- real footage

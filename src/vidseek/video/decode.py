@@ -297,12 +297,16 @@ def _earlier_seek_target(timing: _Timing, landed_pts: int, attempt: int) -> int:
 
 
 def _segment_frame_range(info: VideoInfo, start: float | None, end: float | None) -> tuple[int, int]:
-    """First and last frame numbers shown within [start, end) seconds (frame i is shown at i / fps)."""
+    """First and last frame numbers on screen during [start, end) seconds.
+
+    Frame i is on screen during [i / fps, (i + 1) / fps), so any window inside the video holds at
+    least one frame, however short (the last window of `segment_windows` can be).
+    """
     start_s = 0.0 if start is None else float(start)
     end_s = math.inf if end is None else float(end)
     if start_s < 0 or end_s <= start_s:
         raise ConfigError(f"invalid segment start={start} end={end} for {info.path}: need 0 <= start < end")
-    first = max(0, math.ceil(start_s * info.fps - _TIME_EPS))
+    first = max(0, math.floor(start_s * info.fps + _TIME_EPS))
     last = info.total_frames - 1 if math.isinf(end_s) else min(info.total_frames - 1, math.ceil(end_s * info.fps - _TIME_EPS) - 1)
     if first > last:
         raise ConfigError(
