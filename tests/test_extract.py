@@ -218,18 +218,32 @@ def test_reopening_with_different_frames_is_a_config_error(clips, tmp_path):
 
 
 def test_long_video_windows_get_their_own_keys(tmp_path):
-    write_clip(tmp_path / "v" / "long.mp4", 50)  # 5.0 s at 10 fps
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "long.mp4").write_bytes(b"not yet a video")
     out = tmp_path / "out"
-    summary = extract(tmp_path / "v", tiny_encoder(), out, frames=FRAMES, segment_seconds=2.0, overlap_seconds=0.5,
-                      workers=0, progress=False, patches=True)
-    assert summary.processed == 3
+    windows = dict(segment_seconds=2.0, overlap_seconds=0.5, workers=0, progress=False, patches=True)
+    with pytest.raises(VidseekError, match="long.mp4"):
+        extract(tmp_path / "v", tiny_encoder(), out, frames=FRAMES, **windows)
+    assert FeatureStore(out).catalog.keys(status="failed") == ["long"]  # unprobeable: one whole-video row
+
+    write_clip(tmp_path / "v" / "long.mp4", 50)  # 5.0 s at 10 fps
+    summary = extract(tmp_path / "v", tiny_encoder(), out, frames=FRAMES, **windows)
+    assert (summary.processed, summary.failed) == (3, 0)
     store = FeatureStore(out)
+    # stride 2.0 - 0.5 = 1.5 s; the last window is cut at the 5.0 s end.
     assert [(r.key, r.video_id, r.start, r.end) for r in store.rows()] == [
         ("long#0", "long", 0.0, 2.0), ("long#1", "long", 1.5, 3.5), ("long#2", "long", 3.0, 5.0)]
+    assert store.catalog.counts() == {"ok": 3, "failed": 0}  # the old whole-video failure is gone
     assert store.patch_features(["long#1"]).shape == (1, FRAMES, 36, 64)
+    from vidseek.video import load_video_tensor
+
+    encoder = tiny_encoder().eval()
+    pixels, _, _ = load_video_tensor(tmp_path / "v" / "long.mp4", FRAMES, encoder.image_size, start=1.5, end=3.5)
+    with torch.no_grad():
+        expected = encoder.encode_image(pixels).cls.numpy()
+    np.testing.assert_allclose(store.frame_features(["long#1"])[0][0], expected, atol=2e-3, rtol=2e-3)
     store.close()
-    again = extract(tmp_path / "v", tiny_encoder(), out, frames=FRAMES, segment_seconds=2.0, overlap_seconds=0.5,
-                    workers=0, progress=False, patches=True)
+    again = extract(tmp_path / "v", tiny_encoder(), out, frames=FRAMES, **windows)
     assert (again.processed, again.skipped_existing) == (0, 3)
 
 

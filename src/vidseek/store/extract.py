@@ -28,7 +28,7 @@ import torch
 import torch.utils.data
 
 from vidseek.errors import DatasetError, VideoDecodeError, VidseekError
-from vidseek.store.catalog import STATUS_OK
+from vidseek.store.catalog import STATUS_FAILED, STATUS_OK
 from vidseek.store.shards import FeatureStore, StoredItem
 
 # The containers a plain folder source is scanned for.
@@ -363,6 +363,8 @@ def extract(source: str | Path, encoder: Any, out: str | Path, *, frames: int = 
                     bar.update(task, advance=1)
             if pending:
                 store_pending()
+        if segment_seconds is not None:
+            _forget_superseded_failures(store)
     finally:
         store.close()
     summary.seconds = time.perf_counter() - began
@@ -371,6 +373,14 @@ def extract(source: str | Path, encoder: Any, out: str | Path, *, frames: int = 
         raise VidseekError(f"none of the {summary.failed} videos from {source} could be processed "
                            f"(first error: {summary.failures[0][1]}); check the files and rerun")
     return summary
+
+
+def _forget_superseded_failures(store: FeatureStore) -> None:
+    """Drop a whole-video 'failed' row (the file could not be probed) once its windows are stored."""
+    windowed = {r.video_id for r in store.catalog.rows(STATUS_OK)}
+    stale = [r.key for r in store.catalog.rows(STATUS_FAILED) if r.key == r.video_id and r.video_id in windowed]
+    if stale:
+        store.catalog.delete(stale)
 
 
 def _pending_jobs(store: FeatureStore, sources: list[VideoSource], segmented: bool
