@@ -153,14 +153,14 @@ def test_every_preset_builds_and_computes_a_loss():
 
     seen = set()
     for preset in list_presets():
-        small = dataclasses.replace(preset, clip="tiny", words=16, frames=4)
+        small = dataclasses.replace(preset, clip="tiny", frames=4)
         key = (small.model, json.dumps(small.model_config, sort_keys=True))
         if key in seen:
             continue
         seen.add(key)
         torch.manual_seed(0)
         model = create_model(small)
-        tokens = model.clip.tokenize(["a red circle moves left", "a blue square"], context_length=16)
+        tokens = model.clip.tokenize(["a red circle moves left", "a blue square"], context_length=small.words)
         frames = RawFrames(torch.randn(2, 4, 3, 48, 48), torch.ones(2, 4, dtype=torch.bool))
         out = train_step(model, tokens, frames, None, DistInfo())
         assert torch.isfinite(out.loss.detach()), preset.name
