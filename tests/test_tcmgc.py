@@ -483,3 +483,13 @@ def test_all_granularities_avg_is_the_mean_of_the_four():
         singles.append(single.score(text, single.encode_video_features(frames)))
     expected = torch.stack(singles).mean(0)
     assert (full.score(text, full.encode_video_features(frames)) - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6, 7])
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_top_values_equals_topk_with_ties(k, dim):
+    from vidseek.models.tcmgc import top_values
+
+    x = torch.randint(-3, 4, (3, 9, 8)).double()  # many exact ties
+    x[0, 0, :3] = float("-inf")  # masked entries sort last
+    assert torch.equal(top_values(x, k, dim), x.topk(k, dim=dim).values)

@@ -158,6 +158,25 @@ def masked_softmax(logits: Tensor, valid: Tensor | None) -> Tensor:
     return weights * valid
 
 
+#: up to this k, top-k values come from an insertion network (2k elementwise ops per entry,
+#: vectorised across rows) — several times faster than `torch.topk` on short CPU rows.
+_INSERTION_TOPK_MAX = 6
+
+
+def top_values(x: Tensor, k: int, dim: int = -1) -> Tensor:
+    """The k largest values along `dim`, sorted descending (ties kept, like `topk(...).values`)."""
+    n = x.shape[dim]
+    if k > _INSERTION_TOPK_MAX or k >= n:
+        return x.topk(k, dim=dim, largest=True, sorted=True).values
+    rows = x.unbind(dim)
+    best = [rows[0]] + [torch.full_like(rows[0], float("-inf")) for _ in range(k - 1)]
+    for row in rows[1:]:
+        for i in range(k - 1, 0, -1):  # descending i, so best[i-1] is still the old value
+            best[i] = torch.maximum(best[i], torch.minimum(best[i - 1], row))
+        best[0] = torch.maximum(best[0], row)
+    return torch.stack(best, dim=dim)
+
+
 def similarity_reorganization(s: Tensor, keep: int, mode: str, valid: Tensor | None = None
                               ) -> tuple[Tensor, Tensor | None]:
     """SR along the last dim (§3.4, Fig. 5a/b).
@@ -171,7 +190,7 @@ def similarity_reorganization(s: Tensor, keep: int, mode: str, valid: Tensor | N
         return (s if valid is None else s.masked_fill(~valid, 0.0)), valid
     ranked = s if valid is None else s.masked_fill(~valid, float("-inf"))
     if mode == "remove":
-        top = ranked.topk(keep, dim=-1, largest=True, sorted=True).values
+        top = top_values(ranked, keep)
         if valid is None:
             return top, None
         top_valid = torch.isfinite(top)
@@ -392,7 +411,7 @@ class TCMGC(RetrievalModel):
         n = self.config.attention_heads * frames
         queries = w + 1
         if fast:
-            return queries * (7 * n + 3) + probes * (n + 1) + tail
+            return queries * (7 * n + 3) + probes * (n + 1) + self.width + tail
         return queries * (6 * self.width + 2 * n) + tail
 
     def plan_blocks(self, n_text: int, n_video: int, frames: int, max_block_elements: int, fast: bool

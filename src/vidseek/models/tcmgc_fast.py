@@ -16,7 +16,8 @@ Because `a` is a convex combination of K's rows, every LayerNorm statistic is a 
     p·z  = [(p⊙γ3)ᵀX·y + (p⊙γ3)ᵀe − μ(c)·Σ(p⊙γ3)]/σ(c) + p·β3.
 
 So per (text, video) pair the only D-sized work is two GEMM-shaped products (LN1(Q)·K̃ᵀ and
-(P⊙γ3)·X, each ~W×n×D); the rest is O(W·n²) and no [B_t, W, B_v, D] tensor is ever built.
+(P⊙γ3)·X, each ~W×n×D) plus, for the single sentence query, one D-vector X·y; the rest is
+O(W·n²) and no [B_t, W, B_v, D] tensor is ever built.
 With H heads, K̃ (n = H·T rows) holds each frame once per head with the other heads' channels
 zeroed, so the same algebra covers multi-head attention (Table 12).
 
@@ -171,43 +172,56 @@ def probe_dots(
     d = text.queries.shape[-1]
     bt, q_count, _ = text.queries.shape
     bv, n, _ = video.keys.shape
+    heads, columns = lva.heads, bt * q_count
     eps_attended, eps_out = lva.ln_attended.eps, lva.ln_out.eps
+    # Video-major layout [Bv, n, Bt·Q]: every per-video n×n product below is one batched matmul
+    # with a wide right-hand side, and the softmax / LayerNorm reductions run over a non-inner
+    # dimension (vectorised across texts and queries).
 
-    # GEMM 1: attention logits LN1(Q)·K̃ᵀ/√d_h  → [Bt,Bv,Q,n]
-    logits = (text.queries.reshape(bt * q_count, d) @ video.keys.reshape(bv * n, d).t())
-    logits = logits.view(bt, q_count, bv, n).permute(0, 2, 1, 3)
-    att = attention_weights(logits, lva.heads, video.frame_valid if use_frame_mask else None)
+    # GEMM 1: attention logits K̃·LN1(Q)ᵀ/√d_h  → [Bv, n, Bt·Q]
+    logits = (video.keys.reshape(bv * n, d) @ text.queries.reshape(columns, d).t()).view(bv, n, columns)
+    if use_frame_mask:
+        logits = logits.masked_fill(~video.frame_valid[:, :, None], torch.finfo(logits.dtype).min)
+    att = logits.view(bv, heads, n // heads, columns).softmax(dim=2).view(bv, n, columns)
 
     # LN2 statistics of a = K̃ᵀ·att
-    mean_a = torch.einsum("tvqn,vn->tvq", att, video.mean_weights)
-    sq_a = (torch.einsum("tvqn,vnm->tvqm", att, video.key_gram) * att).sum(-1)
+    mean_a = (video.mean_weights[:, None, :] @ att).squeeze(1)  # [Bv, Bt·Q]
+    sq_a = ((video.key_gram @ att) * att).sum(1)
     sigma_a = ((sq_a - mean_a * mean_a).clamp(min=0) + eps_attended).sqrt()
-    y = torch.cat([att, -mean_a.unsqueeze(-1)], dim=-1) / sigma_a.unsqueeze(-1)  # [Bt,Bv,Q,n+1]
+    y = torch.cat([att, -mean_a[:, None, :]], dim=1) / sigma_a[:, None, :]  # [Bv, n+1, Bt·Q]
 
     # LN3 statistics of c = X·y + e
-    quad = (torch.einsum("tvqj,vgjk->tvqgk", y, video.design_gram) * y.unsqueeze(-2)).sum(-1)  # [..,2]
-    lin = torch.einsum("tvqj,vjl->tvql", y, video.design_linear)  # [..,5]
-    sum_c = lin[..., 0] + c["e_sum"]
-    mean_c = sum_c / d
-    c_sq = quad[..., 0] + 2 * lin[..., 3] + c["e_sq"]
-    c_gamma_c = quad[..., 1] + 2 * lin[..., 4] + c["e_gamma_e"]
-    gamma_c = lin[..., 1] + c["gamma_e"]
-    h_c = lin[..., 2] + c["h_e"]
+    quad = ((video.design_gram.reshape(bv, 2 * (n + 1), n + 1) @ y).view(bv, 2, n + 1, columns)
+            * y[:, None]).sum(2)  # [Bv, 2, Bt·Q]
+    lin = video.design_linear.transpose(1, 2) @ y  # [Bv, 5, Bt·Q]
+    mean_c = (lin[:, 0] + c["e_sum"]) / d
+    c_sq = quad[:, 0] + 2 * lin[:, 3] + c["e_sq"]
+    c_gamma_c = quad[:, 1] + 2 * lin[:, 4] + c["e_gamma_e"]
+    gamma_c = lin[:, 1] + c["gamma_e"]
+    h_c = lin[:, 2] + c["h_e"]
     sigma_c = ((c_sq / d - mean_c * mean_c).clamp(min=0) + eps_out).sqrt()
     z_sq = ((c_gamma_c - 2 * mean_c * gamma_c + mean_c * mean_c * c["gamma_sum"]) / (sigma_c * sigma_c)
             + 2 * (h_c - mean_c * c["h_sum"]) / sigma_c + c["beta3_sq"])
     z_norm = z_sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
+    mean_c, sigma_c, z_norm = (x.view(bv, bt, 1, q_count) for x in (mean_c, sigma_c, z_norm))
 
-    # GEMM 2: (P⊙γ3)·X → [Bt,Bv,P,n+1]
-    p_count = text.probes.shape[1]
-    projected = (text.probes.reshape(bt * p_count, d) @ video.design.reshape(bv * (n + 1), d).t())
-    projected = projected.view(bt, p_count, bv, n + 1).permute(0, 2, 1, 3)
-
+    y = y.view(bv, n + 1, bt, q_count)
     out = []
     for probe_slice, query_slice in groups:
-        p_c = projected[:, :, probe_slice] @ y[:, :, query_slice].transpose(-1, -2)  # [Bt,Bv,P,Qg]
-        p_c = p_c + text.probe_e[:, None, probe_slice, None]
-        m_c, s_c = mean_c[:, :, None, query_slice], sigma_c[:, :, None, query_slice]
-        p_z = (p_c - m_c * text.probe_sum[:, None, probe_slice, None]) / s_c + text.probe_bias[:, None, probe_slice, None]
-        out.append(p_z / z_norm[:, :, None, query_slice])
+        probes = text.probes[:, probe_slice]  # [Bt, P, D]
+        queries = y[..., query_slice]  # [Bv, n+1, Bt, Qg]
+        p_count, g_count = probes.shape[1], queries.shape[-1]
+        if g_count == 1:
+            # One query (the sentence): c − e = X·y is one D-vector per pair, cheaper to build than
+            # projecting every probe onto X's n+1 columns: (n+1+P)·D instead of P·(n+1)·D.
+            xy = queries[..., 0].transpose(1, 2) @ video.design  # [Bv, Bt, D]
+            p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1)  # [Bv, Bt, P, 1]
+        else:
+            # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P], then a (n+1)-long contraction per pair
+            projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t())
+            p_c = torch.einsum("vjtp,vjtq->vtpq", projected.view(bv, n + 1, bt, p_count), queries)
+        p_c = p_c + text.probe_e[None, :, probe_slice, None]
+        m_c, s_c = mean_c[..., query_slice], sigma_c[..., query_slice]
+        p_z = (p_c - m_c * text.probe_sum[None, :, probe_slice, None]) / s_c + text.probe_bias[None, :, probe_slice, None]
+        out.append((p_z / z_norm[..., query_slice]).transpose(0, 1))  # → [Bt, Bv, P, Qg]
     return out
