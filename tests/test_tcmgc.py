@@ -263,8 +263,8 @@ def test_register_presets():
     added = {}
     register_presets(register=lambda p: added.setdefault(p.name, p), Preset=_PresetStub,
                      synth_train=lambda **kw: "synth", paper_train=lambda **kw: kw,
-                     datasets=[("msrvtt9k", "msrvtt", {}, 12, 32, 5, "MSR-VTT"), ("didemo", "didemo", {}, 64, 64, 5, "D"),
-                               ("msvd", "msvd", {}, 12, 32, 5, "MSVD")])
+                     datasets=[("msrvtt9k", "msrvtt", {}, 12, 32, 5, "MSR-VTT"),
+                               ("didemo", "didemo", {}, 64, 64, 5, "D"), ("msvd", "msvd", {}, 12, 32, 5, "MSVD")])
     assert sorted(added) == ["didemo-tcmgc-b16", "didemo-tcmgc-b32", "msrvtt9k-tcmgc-b16", "msrvtt9k-tcmgc-b32",
                              "synth-tcmgc-tiny"]
     assert added["didemo-tcmgc-b32"].train == {"epochs": 20, "batch_size": 64}

@@ -234,7 +234,8 @@ def bidirectional_isa(s: Tensor, interactions: dict[str, Tensor], lam: float, va
     words_first, frames_second, frames_first, words_second."""
     per_frame, frame_valid = interactive_similarity_aggregation(
         s.transpose(-1, -2), interactions["words_first"], lam, None if valid is None else valid.transpose(-1, -2))
-    words_then_frames, _ = interactive_similarity_aggregation(per_frame, interactions["frames_second"], lam, frame_valid)
+    words_then_frames, _ = interactive_similarity_aggregation(
+        per_frame, interactions["frames_second"], lam, frame_valid)
     per_word, word_valid = interactive_similarity_aggregation(s, interactions["frames_first"], lam, valid)
     frames_then_words, _ = interactive_similarity_aggregation(per_word, interactions["words_second"], lam, word_valid)
     return 0.5 * (words_then_frames + frames_then_words)
@@ -281,8 +282,9 @@ class LanguageVideoAttention(nn.Module):
         q = self.ln_query_key(queries).unflatten(-1, (h, d // h))
         k = self.ln_query_key(frames).unflatten(-1, (h, d // h))
         logits = torch.einsum("tqhe,vshe->tvqhs", q, k) / math.sqrt(d // h)
-        valid = None if frame_valid is None else frame_valid.bool().repeat(1, h)
-        att = tcmgc_fast.attention_weights(logits.flatten(-2), h, valid).unflatten(-1, (h, frames.shape[1]))
+        if frame_valid is not None:
+            logits = logits.masked_fill(~frame_valid.bool()[None, :, None, None, :], torch.finfo(logits.dtype).min)
+        att = logits.softmax(-1)  # over frames, per head
         attended = self.ln_attended(torch.einsum("tvqhs,vshe->tvqhe", att, k).flatten(-2))
         projected = self.fc(attended)
         mixed = attended + self.dropout(projected) if self.residual else projected
@@ -482,7 +484,8 @@ class TCMGC(RetrievalModel):
     def _score_block(self, side: _TextSide, video: Any, fast: bool) -> tuple[Tensor, Tensor]:
         frame_valid = None
         if self.config.frame_mask:
-            frame_valid = video.frame_valid if isinstance(video, (LVAVideoCache, UnconditionedVideo)) else video.mask.bool()
+            precomputed = isinstance(video, (LVAVideoCache, UnconditionedVideo))
+            frame_valid = video.frame_valid if precomputed else video.mask.bool()
         video_dots, frame_dots = self._probe_scores(side, video, fast, frame_valid)
         parts = self._granular_scores(video_dots, frame_dots, side.word_valid, frame_valid)
         final = aggregate_granularities(parts, self.config.aggregation, self.lsa)

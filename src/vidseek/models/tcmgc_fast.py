@@ -147,14 +147,6 @@ def precompute_text(lva: "LanguageVideoAttention", queries: Tensor, probes: Tens
     )
 
 
-def attention_weights(query_logits: Tensor, heads: int, frame_valid: Tensor | None) -> Tensor:
-    """Softmax over frames per head. query_logits [Bt,Bv,Q,H·T]; frame_valid [Bv,H·T] or None."""
-    if frame_valid is not None:
-        query_logits = query_logits.masked_fill(~frame_valid[None, :, None, :], torch.finfo(query_logits.dtype).min)
-    shape = query_logits.shape
-    return query_logits.unflatten(-1, (heads, shape[-1] // heads)).softmax(-1).reshape(shape)
-
-
 def probe_dots(
     lva: "LanguageVideoAttention",
     text: LVATextCache,
@@ -222,6 +214,7 @@ def probe_dots(
             p_c = torch.einsum("vjtp,vjtq->vtpq", projected.view(bv, n + 1, bt, p_count), queries)
         p_c = p_c + text.probe_e[None, :, probe_slice, None]
         m_c, s_c = mean_c[..., query_slice], sigma_c[..., query_slice]
-        p_z = (p_c - m_c * text.probe_sum[None, :, probe_slice, None]) / s_c + text.probe_bias[None, :, probe_slice, None]
+        p_sum, p_bias = text.probe_sum[None, :, probe_slice, None], text.probe_bias[None, :, probe_slice, None]
+        p_z = (p_c - m_c * p_sum) / s_c + p_bias
         out.append((p_z / z_norm[..., query_slice]).transpose(0, 1))  # → [Bt, Bv, P, Qg]
     return out
