@@ -239,6 +239,28 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
     return float((found[:, :, None] == true_ids[:, None, :]).any(axis=1).sum() / true_ids.size)
 
 
+def exact_top_k_rows(queries: np.ndarray, vectors: np.ndarray, k: int,
+                     excluded_rows: np.ndarray | None = None, chunk_rows: int = 65_536) -> np.ndarray:
+    """Rows of `vectors` with the k largest inner products per query (best first), skipping
+    `excluded_rows`; blocked matmul + argpartition, so memory stays O(Q·chunk_rows)."""
+    best_scores = np.full((queries.shape[0], 0), -np.inf, np.float32)
+    best_rows = np.zeros((queries.shape[0], 0), np.int64)
+    excluded = np.zeros(vectors.shape[0], bool)
+    if excluded_rows is not None:
+        excluded[excluded_rows] = True
+    for start in range(0, vectors.shape[0], chunk_rows):
+        block = vectors[start:start + chunk_rows]
+        scores = queries @ block.T
+        scores[:, excluded[start:start + block.shape[0]]] = -np.inf
+        rows = np.broadcast_to(np.arange(start, start + block.shape[0]), scores.shape)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        rows = np.concatenate([best_rows, rows], axis=1)
+        keep = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        best_scores, best_rows = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_rows, order, axis=1)
+
+
 def empty_results(query_count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((query_count, k), -np.inf, np.float32), np.full((query_count, k), -1, np.int64)
 
@@ -584,8 +606,6 @@ class FaissDenseIndex:
         """Smallest nprobe / efSearch on a ladder whose recall@10 for the `held_out` rows (queries,
         not yet indexed) against their exact top-10 among the other rows (indexed) reaches
         CALIBRATION_TARGET_RECALL. Binary search: recall is monotone in nprobe, nearly so in efSearch."""
-        import faiss
-
         if spec.kind == "ivf":
             ladder = ivf_nprobe_ladder(spec.nlist)
         else:
@@ -594,11 +614,7 @@ class FaissDenseIndex:
         if held_out.size == 0 or k < 1:
             return ladder[-1], None  # too few vectors to measure: search exhaustively
         queries = vectors[held_out]
-        # exact top-(k + |held_out|) over all rows, then drop held-out rows: k indexed rows remain
-        _, exact_rows = faiss.knn(queries, vectors, k + held_out.size, metric=faiss.METRIC_INNER_PRODUCT)
-        is_held_out = np.isin(exact_rows, held_out)
-        first_indexed = np.argsort(is_held_out, axis=1, kind="stable")[:, :k]
-        exact_ids = ids[np.take_along_axis(exact_rows, first_indexed, axis=1)]
+        exact_ids = ids[exact_top_k_rows(queries, vectors, k, excluded_rows=held_out)]
         recall_by_effort: dict[int, float] = {}
 
         def recall(effort: int) -> float:
