@@ -113,9 +113,19 @@ def eval_cmd(
     features: Optional[Path] = typer.Option(None, "--features", help="Feature store for feature-mode models."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics + settings as JSON."),
     dsl: bool = typer.Option(False, "--dsl", help="Add a separately labelled dual-softmax (DSL) row."),
+    beams: int = typer.Option(100, "--beams", help="GRDR runs: beam width of the trie-constrained search."),
+    rerank: Optional[Path] = typer.Option(None, "--rerank", help="GRDR runs: checkpoint that reranks the candidates."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Evaluate a checkpoint: paper-style T2V/V2T table (R@1/5/10, MdR, MnR, RSum, SumR)."""
+    from vidseek.train.checkpoint import read_checkpoint
+
+    if read_checkpoint(checkpoint)["preset"].get("model") == "grdr":
+        from vidseek.eval.grdr_eval import run_grdr_eval
+
+        run_grdr_eval(checkpoint, data, split=split, beams=beams, rerank=str(rerank) if rerank else None,
+                      json_out=json_out, device=device)
+        return
     from vidseek.eval.report import format_table, write_report
     from vidseek.eval.runner import evaluate_model
     from vidseek.train.checkpoint import load_model

@@ -120,6 +120,10 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
     """
     from vidseek.eval.runner import evaluate_model
 
+    if preset.model == "grdr":  # generative recall trains on a dense model's video vectors
+        from vidseek.train.grdr_run import train_grdr_run
+
+        return train_grdr_run(preset, data, out, init_from=init_from, resume=resume, device=device, progress=progress)
     device = device or default_device()
     dist = init_distributed(device)
     if dist.enabled and device.startswith("cuda"):
