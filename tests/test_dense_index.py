@@ -261,3 +261,26 @@ def test_auto_index_under_a_small_budget_grows_from_flat_into_ivf_pq():
     assert errors.mean() < 0.3  # 4 dims per 8-bit code on unit vectors
     _, found = index.search(vectors[1:2000:2], 10)
     assert np.mean([row_id in row for row_id, row in zip(range(1, 2000, 2), found)]) >= 0.9
+
+
+def test_hnsw_tombstones_are_compacted_once_half_the_graph_is_dead():
+    vectors = unit_vectors(200, 8, seed=13)
+    index = build_dense_index(8, index_type="hnsw8")
+    index.add(np.arange(200), vectors)
+    assert index.remove(np.arange(100)) == 100 and index.trained_count == 200  # 50 % dead: kept
+    assert index.remove(np.array([100])) == 1 and index.trained_count == 99  # > 50 %: rebuilt
+    scores, ids = index.search(vectors, 99)
+    assert set(ids[0].tolist()) == set(range(101, 200)) and np.isfinite(scores).all()
+    index.add(np.array([5]), vectors[[5]])
+    assert len(index) == 100 and index.search(vectors[[5]], 1)[1][0, 0] == 5
+
+
+def test_exact_top_k_rows_matches_a_full_sort_across_chunks_and_exclusions():
+    from vidseek.index.dense import exact_top_k_rows
+
+    vectors, queries = unit_vectors(1000, 8, seed=14), unit_vectors(6, 8, seed=15)
+    excluded = np.array([0, 17, 333, 999])
+    scores = queries @ vectors.T
+    scores[:, excluded] = -np.inf
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(exact_top_k_rows(queries, vectors, 7, excluded, chunk_rows=128), expected)

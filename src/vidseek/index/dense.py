@@ -336,17 +336,19 @@ class FaissDenseIndex:
 
     Training and growth:
       * A trained type trains on the first ``add`` (k-means on ≤ 64 sampled vectors per centroid
-        of the larger of the IVF and PQ codebooks). With
-        fewer than 39·nlist vectors (FAISS's minimum) it falls back to exact ``flat``:
-        ``index_type`` then reads ``"flat"`` and ``note`` says why; it converts to the requested
-        type on the first ``add`` that brings enough vectors.
+        of the larger of the IVF and PQ codebooks). With fewer than 39·nlist vectors (FAISS's
+        minimum) it falls back to exact ``flat``: ``index_type`` then reads ``"flat"`` and
+        ``note`` says why; it converts to the requested type on the first ``add`` that brings
+        enough vectors.
       * Later ``add`` calls only append: no rebuild. When the collection grows past 8× the size
         the IVF was trained on, it is retrained on all its vectors (stale centroids would make
         lists unbalanced and recall drop at fixed nprobe); an ``"auto"`` index re-runs
         `choose_index_type` at that point (so a flat index becomes IVF as it grows).
       * After each (re)build, ``nprobe`` / ``efSearch`` is calibrated: the smallest value on a
-        ladder whose recall@10 reaches 0.97 on ≤ 256 held-out vectors (≤ 10 % of the build set, inserted after
-        calibrating) against exact search; `calibrated_recall` keeps the measured value.
+        ladder whose recall@10 against exact search reaches 0.97 for ≤ 256 held-out vectors
+        (≤ 10 % of the build set, inserted after calibrating); `calibrated_recall` keeps the
+        measured value. PQ codes lose information, so an IVF-PQ index may stop below 0.97 at
+        nprobe = nlist; `calibrated_recall` then says how far.
 
     Concurrency: searches run in parallel; add / remove / save wait for them and run alone.
     FAISS's global thread count is left as it is.
@@ -374,7 +376,9 @@ class FaissDenseIndex:
 
     # -- public API --------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Insert vectors; an id already present is replaced (also within one call: last wins)."""
+        """Insert vectors; an id already present is replaced (also within one call: last wins).
+
+        Appends to the built structure; trains / retrains only as the class docstring says."""
         ids = as_id_array(ids)
         vectors = as_vector_array(vectors, self.dim)
         if ids.size != vectors.shape[0]:
@@ -388,10 +392,7 @@ class FaissDenseIndex:
                 return
             self._remove_ids(ids)
             self._append(ids, vectors)
-            rebuild_to = self._rebuild_target()
-            if rebuild_to is not None:
-                all_ids, all_vectors = self._export()
-                self._build(rebuild_to, all_ids, all_vectors)
+            self._rebuild_if_due()
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ids that are present; returns how many were removed (absent ids are ignored)."""
@@ -401,7 +402,9 @@ class FaissDenseIndex:
         with self._lock.writing():
             if self._index is None:
                 return 0
-            return self._remove_ids(ids)
+            removed = self._remove_ids(ids)
+            self._rebuild_if_due()
+            return removed
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: scores float32 [Q, k] best first, ids int64 [Q, k] (-1 / -inf pad)."""
@@ -488,6 +491,12 @@ class FaissDenseIndex:
         if self.requested_index_type == "auto":
             return choose_index_type(count, self.dim, self.memory_budget_bytes)
         return self.requested_index_type
+
+    def _rebuild_if_due(self) -> None:
+        rebuild_to = self._rebuild_target()
+        if rebuild_to is not None:
+            all_ids, all_vectors = self._export()
+            self._build(rebuild_to, all_ids, all_vectors)
 
     def _rebuild_target(self) -> str | None:
         """The type to rebuild into after an add, or None to keep appending."""
