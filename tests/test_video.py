@@ -224,6 +224,22 @@ def test_decoding_stops_after_the_last_sampled_frame(clips, decoded_counter):
     assert decoded_counter[0] <= 12 * 10  # at most one GOP per sampled frame, not all 250
 
 
+@pytest.mark.parametrize("extension", ["mov", "mkv", "ts", "avi"])
+def test_other_containers_give_exact_frames(tmp_path, extension):
+    # MPEG-TS seeks land after the target and store no frame count; AVI gives B-frames
+    # out-of-order timestamps; Matroska stores no frame count.
+    path = _write_clip(tmp_path / f"clip100.{extension}", 100)
+    assert probe(path).total_frames == 100
+    reference = _decode_every_frame(path)
+    for kwargs in ({"num_frames": 6}, {"num_frames": 4, "start": 2.5, "end": 3.7}):
+        clip = read_frames(path, **kwargs)
+        np.testing.assert_array_equal(clip.frames, reference[clip.indices])
+        assert _frame_numbers(clip.frames) == clip.indices
+    assert read_frames(path, num_frames=6).indices == [0, 20, 40, 59, 79, 99]
+    # [2.5 s, 3.7 s) = frames 62..92 (31 frames); linspace(0, 30, 4) = 0, 10, 20, 30
+    assert read_frames(path, num_frames=4, start=2.5, end=3.7).indices == [62, 72, 82, 92]
+
+
 def test_threads_do_not_change_the_result(clips):
     single = read_frames(clips["long250"], num_frames=6, threads=1)
     multi = read_frames(clips["long250"], num_frames=6, threads=2)

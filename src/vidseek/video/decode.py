@@ -37,6 +37,9 @@ SAMPLING_STRATEGIES = ("uniform", "fps", "jitter")
 _METADATA_SLACK_FRAMES = 2
 _METADATA_SLACK_FRACTION = 0.05
 _TIME_EPS = 1e-9
+# Containers that store no presentation times: with B-frames the decoder hands out frames with
+# other frames' timestamps, so frames are counted from the start instead.
+_FORMATS_WITHOUT_PRESENTATION_TIMES = frozenset({"avi"})
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,19 @@ class _Timing:
         return float((pts - self.start_pts) * self.time_base)
 
 
+def _stream_timing(stream) -> _Timing | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate or rate <= 0 or stream.time_base is None:
+        return None
+    start_pts = stream.start_time if stream.start_time is not None else 0
+    return _Timing(Fraction(rate), Fraction(stream.time_base), start_pts)
+
+
+class _NeedSequentialDecode(Exception):
+    """Timestamps cannot be trusted (out of order, as H.264 with B-frames in AVI gives) or the
+    demuxer cannot seek before a wanted frame: decode from the start and count frames instead."""
+
+
 class _EndOfStream(Exception):
     """Decoding ended before a wanted frame: the stream holds only `frame_count` frames."""
 
@@ -111,15 +127,14 @@ def _open_video(path: str | Path, threads: int) -> Iterator[tuple[av.container.I
         if not container.streams.video:
             raise VideoDecodeError(path, "file has no video stream")
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not rate or rate <= 0 or stream.time_base is None:
+        timing = _stream_timing(stream)
+        if timing is None:
             raise VideoDecodeError(path, "video stream has no frame rate or time base")
         # Bounded decoder threads: thread_count 0 ("AUTO") spawns one thread per core in every
         # loader worker and is a known source of PyAV deadlocks there.
         stream.codec_context.thread_count = threads
         stream.codec_context.thread_type = "FRAME" if threads > 1 else "SLICE"
-        start_pts = stream.start_time if stream.start_time is not None else 0
-        yield container, stream, _Timing(Fraction(rate), Fraction(stream.time_base), start_pts)
+        yield container, stream, timing
     except (av.error.FFmpegError, OSError) as err:
         raise VideoDecodeError(path, f"corrupt or truncated video data ({_one_line(err)})") from err
     finally:
@@ -131,32 +146,49 @@ def _iter_decoded_frames(container: av.container.InputContainer, stream: av.vide
     yield from container.decode(stream)
 
 
-def _frame_indices(frames: Iterator[av.VideoFrame], timing: _Timing, first_index: int) -> Iterator[tuple[av.VideoFrame, int]]:
-    """Pair each frame with its frame number; streams without timestamps are counted instead."""
+def _frame_indices(
+    frames: Iterator[av.VideoFrame], timing: _Timing, first_index: int, use_timestamps: bool = True
+) -> Iterator[tuple[av.VideoFrame, int]]:
+    """Pair each frame with its frame number, from its timestamp or (use_timestamps=False) by
+    counting. Missing timestamps, or timestamps that go backwards, raise `_NeedSequentialDecode`."""
     index = first_index - 1
+    previous_pts = None
     for frame in frames:
-        index = timing.index_of(frame.pts) if frame.pts is not None else index + 1
+        if use_timestamps:
+            if frame.pts is None or (previous_pts is not None and frame.pts < previous_pts):
+                raise _NeedSequentialDecode()
+            previous_pts = frame.pts
+            index = timing.index_of(frame.pts)
+        else:
+            index += 1
         yield frame, index
 
 
-def _count_frames_from_tail(container, stream, timing: _Timing, duration: float | None) -> int:
+def _count_frames_from_tail(path: str | Path, duration: float | None) -> int:
     """Exact frame count when the container does not store one: decode only the last GOP.
 
     Seek to the keyframe before the end and read to end of stream; the last frame's number + 1
-    is the count. Falls back to counting every frame when the stream cannot seek.
+    is the count. When that is impossible (no duration, the seek finds nothing, no usable
+    timestamps) every frame is decoded and counted. Uses its own containers so the caller's
+    stays at the start (some demuxers, MPEG-TS, cannot seek back exactly).
     """
-    last_index = -1
     if duration is not None and duration > 0:
-        end_pts = timing.start_pts + math.floor(Fraction(duration) / timing.time_base)
-        container.seek(end_pts, stream=stream, backward=True, any_frame=False)
-        for _, index in _frame_indices(_iter_decoded_frames(container, stream), timing, 0):
-            last_index = max(last_index, index)
-    if last_index < 0:  # no duration, or the seek found nothing: a counted pass from the start
-        container.seek(timing.start_pts, stream=stream, backward=True, any_frame=False)
-        for _, index in _frame_indices(_iter_decoded_frames(container, stream), timing, 0):
-            last_index = max(last_index, index)
-    container.seek(timing.start_pts, stream=stream, backward=True, any_frame=False)
-    return last_index + 1
+        try:
+            with av.open(str(path), mode="r") as container:
+                stream = container.streams.video[0]
+                stream.codec_context.thread_count = 1
+                timing = _stream_timing(stream)
+                end_pts = timing.start_pts + math.floor(Fraction(duration) / timing.time_base)
+                container.seek(end_pts, stream=stream, backward=True, any_frame=False)
+                last_index = max((index for _, index in _frame_indices(_iter_decoded_frames(container, stream), timing, 0)), default=-1)
+            if last_index >= 0:
+                return last_index + 1
+        except (_NeedSequentialDecode, av.error.FFmpegError):
+            pass  # fall through to counting
+    with av.open(str(path), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        return sum(1 for _ in _iter_decoded_frames(container, stream))
 
 
 def _check_index_within_file(path: str | Path, stream) -> None:
@@ -187,7 +219,7 @@ def _info_from_stream(path: str | Path, container, stream, timing: _Timing) -> V
         duration = None
     total_frames = stream.frames if stream.frames and stream.frames > 0 else 0
     if total_frames == 0:
-        total_frames = _count_frames_from_tail(container, stream, timing, duration)
+        total_frames = _count_frames_from_tail(path, duration)
     if total_frames <= 0:
         raise VideoDecodeError(path, "no decodable video frames")
     if duration is None:
@@ -204,54 +236,81 @@ def probe(path: str | Path) -> VideoInfo:
         return _info_from_stream(path, container, stream, timing)
 
 
-def _keyframe_times(stream, timing: _Timing) -> list[int]:
-    """Estimated presentation timestamps of the keyframes, from the container index.
+class _KeyframeIndex:
+    """Keyframe lookups in the container index (mp4 sample table, Matroska cues).
 
-    The index (mp4 sample table, Matroska cues) stores decode timestamps; with B-frames these run
-    a constant reorder delay ahead of presentation times, which the first entry (the first
-    frame, presented at the stream start) reveals. Empty when the container has no index.
+    The index is sorted by time, so a lookup is a binary search plus a short backward scan to the
+    keyframe: O(log n + GOP) instead of reading the hundreds of thousands of entries of a long
+    video on every segment read. Index times are decode timestamps; with B-frames they run a
+    constant reorder delay ahead of presentation times, which the first entry (the first frame,
+    presented at the stream start) reveals.
     """
-    entries = list(stream.index_entries)
-    keyframes = sorted(entry.timestamp for entry in entries if entry.is_keyframe)
-    if not keyframes:
-        return []
-    delay = timing.start_pts - min(entry.timestamp for entry in entries)
-    return [timestamp + delay for timestamp in keyframes]
+
+    _MAX_SCAN = 4096  # entries looked at backwards for a keyframe before giving up
+
+    def __init__(self, stream, timing: _Timing):
+        self._entries = stream.index_entries
+        self.usable = len(self._entries) > 0
+        self._delay = timing.start_pts - self._entries[0].timestamp if self.usable else 0
+
+    def keyframe_at_or_before(self, pts: int) -> int | None:
+        """Estimated presentation timestamp of the last keyframe at or before `pts` (None: unknown)."""
+        if not self.usable:
+            return None
+        position = bisect.bisect_right(self._entries, pts - self._delay, key=lambda entry: entry.timestamp) - 1
+        for candidate in range(position, max(position - self._MAX_SCAN, -1), -1):
+            entry = self._entries[candidate]
+            if entry.is_keyframe:
+                return entry.timestamp + self._delay
+        return None
 
 
-def _decode_wanted(container, stream, timing: _Timing, wanted: list[int], width: int, height: int) -> tuple[np.ndarray, list[float]]:
+def _decode_wanted(
+    container, stream, timing: _Timing, wanted: list[int], width: int, height: int, allow_seek: bool = True
+) -> tuple[np.ndarray, list[float]]:
     """Decode exactly the frames numbered `wanted` (sorted, distinct) and stop after the last one.
 
     For each wanted frame we take the frame on screen at its time: the decoded frame with that
     number, or the last one before it when a variable-rate stream skips the number.
-    Raises `_EndOfStream` when the stream ends before the last wanted frame.
+    Raises `_EndOfStream` when the stream ends before the last wanted frame, and
+    `_NeedSequentialDecode` when timestamps or seeking cannot be trusted (call again with
+    allow_seek=False on a freshly opened container: no seeks, frames counted from the start).
     """
-    keyframes = _keyframe_times(stream, timing)
+    keyframes = _KeyframeIndex(stream, timing)
+    keyframes.usable = keyframes.usable and allow_seek
     frames = np.empty((len(wanted), height, width, 3), dtype=np.uint8)
     timestamps: list[float] = []
     pending = 0  # position in `wanted` of the next frame to find
     last_index = -1  # frame number of the last decoded frame
-    seek_target = _first_seek_target(keyframes, timing, wanted[0])
+    seek_target = _first_seek_target(keyframes, timing, wanted[0]) if allow_seek else None
     backoff_steps = 0
     while pending < len(wanted):
         # A seek (to the wanted frame's time; the demuxer lands on the keyframe at or before it)
         # must move forward and must not pass the wanted frame; both are checked on landing.
         if seek_target is not None:
-            container.seek(seek_target, stream=stream, backward=True, any_frame=False)
-        landed_check, seek_target = seek_target is not None and seek_target > timing.start_pts, None
+            try:
+                container.seek(seek_target, stream=stream, backward=True, any_frame=False)
+            except av.error.FFmpegError as err:  # e.g. AVI refuses targets before its start
+                raise _NeedSequentialDecode() from err
+        landed_check, failed_target, seek_target = seek_target is not None, seek_target, None
         previous: tuple[av.VideoFrame, int] | None = None
-        for frame, index in _frame_indices(_iter_decoded_frames(container, stream), timing, last_index + 1):
+        decoded = _iter_decoded_frames(container, stream)
+        for frame, index in _frame_indices(decoded, timing, last_index + 1, use_timestamps=allow_seek):
             if landed_check and previous is None:
-                if index > wanted[pending]:  # landed too late (imprecise index): retry earlier
+                if index > wanted[pending]:  # landed too late (imprecise seeking): retry earlier
+                    if failed_target < timing.start_pts:
+                        raise _NeedSequentialDecode()
                     backoff_steps += 1
                     seek_target = _earlier_seek_target(timing, frame.pts, backoff_steps)
                     break
                 if index <= last_index:  # landed behind us: the index misled; read on from here
-                    keyframes = []
+                    keyframes.usable = False
             while pending < len(wanted) and wanted[pending] <= index:
                 shown = frame if wanted[pending] == index or previous is None else previous[0]
                 frames[pending] = shown.to_ndarray(format="rgb24", width=width, height=height)
-                shown_seconds = timing.seconds_of(shown.pts) if shown.pts is not None else float(wanted[pending] / timing.rate)
+                shown_seconds = (
+                    timing.seconds_of(shown.pts) if allow_seek and shown.pts is not None else float(wanted[pending] / timing.rate)
+                )
                 timestamps.append(shown_seconds)
                 pending += 1
             previous = (frame, index)
@@ -267,33 +326,38 @@ def _decode_wanted(container, stream, timing: _Timing, wanted: list[int], width:
     return frames, timestamps
 
 
-def _first_seek_target(keyframes: list[int], timing: _Timing, first_wanted: int) -> int | None:
+def _first_seek_target(keyframes: _KeyframeIndex, timing: _Timing, first_wanted: int) -> int | None:
     """Where to seek before decoding anything; None when the wanted frame is in the first GOP."""
     if first_wanted <= 0:
         return None
     target = timing.pts_of(first_wanted)
-    if keyframes and bisect.bisect_right(keyframes, target) <= 1:
+    keyframe = keyframes.keyframe_at_or_before(target)
+    if keyframe is not None and keyframe <= timing.start_pts:
         return None
-    return target  # without an index, let the demuxer find the keyframe before the time
+    return target  # the demuxer lands on the keyframe at or before the wanted frame's time
 
 
-def _worthwhile_seek_target(keyframes: list[int], timing: _Timing, current_pts: int | None, next_wanted: int) -> int | None:
+def _worthwhile_seek_target(keyframes: _KeyframeIndex, timing: _Timing, current_pts: int | None, next_wanted: int) -> int | None:
     """The wanted frame's time, when a keyframe lies after the current frame and not after it.
 
-    Then seeking decodes strictly fewer frames than reading on. Without a container index we
-    cannot know, so we read on.
+    Then seeking decodes strictly fewer frames than reading on. Without a usable container index
+    we cannot know, so we read on.
     """
-    if not keyframes or current_pts is None:
+    if current_pts is None or not keyframes.usable:
         return None
     target = timing.pts_of(next_wanted)
-    position = bisect.bisect_right(keyframes, target) - 1
-    return target if position >= 0 and keyframes[position] > current_pts else None
+    keyframe = keyframes.keyframe_at_or_before(target)
+    return target if keyframe is not None and keyframe > current_pts else None
 
 
 def _earlier_seek_target(timing: _Timing, landed_pts: int, attempt: int) -> int:
-    """Retry target after landing past the wanted frame: 1 s, 2 s, 4 s, ... before where we landed."""
-    step = math.ceil(Fraction(2 ** (attempt - 1)) / timing.time_base)
-    return max(landed_pts - step, timing.start_pts)
+    """Retry target after landing past the wanted frame: 1 s, 2 s, 4 s, ... before where we landed.
+
+    The last resort aims one second before the stream start: MPEG-TS, for one, lands on the
+    first keyframe after a target at the exact start time.
+    """
+    one_second = math.ceil(1 / timing.time_base)
+    return max(landed_pts - one_second * 2 ** (attempt - 1), timing.start_pts - one_second)
 
 
 def _segment_frame_range(info: VideoInfo, start: float | None, end: float | None) -> tuple[int, int]:
@@ -355,21 +419,33 @@ def read_frames(
         raise ConfigError(f"num_frames must be positive, got {num_frames}")
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
-    with _open_video(path, threads) as (container, stream, timing):
-        info = _info_from_stream(path, container, stream, timing)
-        declared_frames = info.total_frames
-        while True:
-            first, last = _segment_frame_range(info, start, end)
-            offsets = _sample_offsets(last - first + 1, num_frames, sampling, info.fps, target_fps, rng)
-            wanted = [first + offset for offset in offsets]
+    info: VideoInfo | None = None
+    wanted: list[int] = []
+    allow_seek: bool | None = None
+    # A few passes at most: the first; one after learning that the stream is a little shorter
+    # than its metadata; one counting frames without seeking when timestamps or seeking cannot be
+    # trusted. Each pass opens the file afresh: not every demuxer can seek back to the start.
+    for _ in range(4):
+        with _open_video(path, threads) as (container, stream, timing):
+            if info is None:
+                info = declared = _info_from_stream(path, container, stream, timing)
+            if allow_seek is None:
+                allow_seek = container.format.name not in _FORMATS_WITHOUT_PRESENTATION_TIMES
+            if not wanted:
+                first, last = _segment_frame_range(info, start, end)
+                offsets = _sample_offsets(last - first + 1, num_frames, sampling, info.fps, target_fps, rng)
+                wanted = [first + offset for offset in offsets]
             try:
-                frames, timestamps = _decode_wanted(container, stream, timing, wanted, info.width, info.height)
+                frames, timestamps = _decode_wanted(container, stream, timing, wanted, info.width, info.height, allow_seek)
             except _EndOfStream as short:
-                _check_plausible_shortfall(path, declared_frames, short.frame_count, info.total_frames)
-                info = replace(info, total_frames=short.frame_count)
-                container.seek(timing.start_pts, stream=stream, backward=True, any_frame=False)  # leave end-of-stream
+                _check_plausible_shortfall(path, declared.total_frames, short.frame_count, info.total_frames)
+                info, wanted = replace(info, total_frames=short.frame_count), []
+                continue
+            except _NeedSequentialDecode:
+                allow_seek = False
                 continue
             return Clip(frames=frames, indices=wanted, timestamps=timestamps, info=info)
+    raise VideoDecodeError(path, "the frames found differ on every decoding pass; re-encode the file")
 
 
 def _check_plausible_shortfall(path: str | Path, declared: int, decoded: int, previous_count: int) -> None:
