@@ -284,3 +284,27 @@ def test_exact_top_k_rows_matches_a_full_sort_across_chunks_and_exclusions():
     scores[:, excluded] = -np.inf
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :7]
     np.testing.assert_array_equal(exact_top_k_rows(queries, vectors, 7, excluded, chunk_rows=128), expected)
+
+
+def test_searches_running_alongside_adds_always_see_a_consistent_index():
+    import threading
+
+    vectors = unit_vectors(3000, 8, seed=16)
+    index = build_dense_index(8, index_type="flat")
+    index.add(np.arange(1000), vectors[:1000])
+    failures: list[str] = []
+
+    def search_repeatedly():
+        for _ in range(200):
+            scores, ids = index.search(vectors[:4], 3)
+            if not (ids[:, 0] == np.arange(4)).all() or not np.allclose(scores[:, 0], 1.0, atol=1e-5):
+                failures.append(f"ids {ids[:, 0].tolist()}")
+
+    readers = [threading.Thread(target=search_repeatedly) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    for start in range(1000, 3000, 200):
+        index.add(np.arange(start, start + 200), vectors[start:start + 200])
+    for reader in readers:
+        reader.join()
+    assert failures == [] and len(index) == 3000

@@ -285,17 +285,19 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 class _ReadWriteLock:
-    """Many concurrent searches, or one mutation (add/remove/save) at a time."""
+    """Many concurrent searches, or one mutation (add/remove) at a time. A waiting writer blocks
+    new readers, so a steady stream of searches cannot starve an add."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         with self._condition:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._condition.wait()
             self._readers += 1
         try:
@@ -308,8 +310,10 @@ class _ReadWriteLock:
     @contextmanager
     def writing(self) -> Iterator[None]:
         with self._condition:
+            self._writers_waiting += 1
             while self._writer or self._readers:
                 self._condition.wait()
+            self._writers_waiting -= 1
             self._writer = True
         try:
             yield
