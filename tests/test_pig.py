@@ -305,13 +305,14 @@ def test_baseline_index_vector_is_the_pooled_cls():
 
 def test_frames_backbone_runs_from_extracted_features_and_vip_refuses_them():
     model = make_model(backbone="frames").eval()
-    assert model.needs_patches
+    assert model.needs_patches and not model.needs_video_frames
     pixels, mask, _ = make_batch(model)
     with torch.no_grad():
         feats = model.encode_frames(pixels, mask)
         assert type(feats) is FrameFeatures and feats.patches.shape == (3, 2, 36, 64)
         assert model.index_video(model.encode_video_features(feats)).shape == (3, 64)
     vip = make_model()
+    assert vip.needs_video_frames and not vip.needs_patches
     with pytest.raises(ConfigError, match="mode 'frames'"):
         vip.encode_video_features(feats)
 

@@ -323,6 +323,9 @@ class PIG(RetrievalModel):
             raise ConfigError(f"PIG needs its_topk >= 1 and num_extra_cls >= 0, got {cfg.its_topk}, {cfg.num_extra_cls}")
         # The frame backbone reads patch tokens from the unchanged image tower (and from extracted features).
         self.needs_patches = cfg.backbone == "frames"
+        # The "vip" backbone is its own video ViT: it cannot start from stored per-frame features,
+        # so whoever embeds videos must decode frames and call `encode_frames`.
+        self.needs_video_frames = cfg.backbone == "vip"
         self.vit = VideoViT(clip.model.visual, cfg.num_extra_cls, cfg.max_frames) if cfg.backbone == "vip" else None
         self.generator = PseudoQueryGenerator(clip) if cfg.generator else None
         self.fusion = PseudoQueryFusion(clip.embed_dim, cfg.fusion_dropout) if cfg.fusion else None
