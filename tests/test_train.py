@@ -18,8 +18,8 @@ from vidseek.train.loop import train, train_step
 from vidseek.train.optim import build_optimizer, warmup_cosine
 
 
-def tiny_preset(**train_overrides):
-    preset = get_preset("synth-meanp-tiny")
+def tiny_preset(name="synth-clip-tiny", **train_overrides):
+    preset = get_preset(name)
     base = dict(batch_size=8, max_steps=6, eval_every=3, epochs=50, warmup_fraction=0.2)
     base.update(train_overrides)
     return preset.with_overrides(**base)
@@ -86,8 +86,9 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def test_resume_continues_exactly(tiny_synth, tmp_path):
-    preset = tiny_preset()
+@pytest.mark.parametrize("name", ["synth-clip-tiny", "synth-seqtransf-tiny"])  # frames mode, features mode
+def test_resume_continues_exactly(tiny_synth, tmp_path, name):
+    preset = tiny_preset(name)
     straight = train(preset, tiny_synth, tmp_path / "straight", progress=False)
     assert straight.step == 6
     part = train(preset, tiny_synth, tmp_path / "resumed", progress=False, stop_after_steps=4)
@@ -116,7 +117,7 @@ def test_checkpoint_of_another_model_is_rejected(tiny_synth, tmp_path):
 
     train(tiny_preset(max_steps=1, eval_every=1), tiny_synth, tmp_path / "run", progress=False)
     model, payload = load_model(tmp_path / "run")
-    assert payload["preset"]["name"] == "synth-meanp-tiny" and payload["step"] == 1
+    assert payload["preset"]["name"] == "synth-clip-tiny" and payload["step"] == 1
     with pytest.raises(CheckpointError, match="holds a twotower model"):
         load_model(tmp_path / "run", expect_model="tcmgc")
     garbage = tmp_path / "garbage.pt"

@@ -139,7 +139,7 @@ def eval_cmd(
     p = Preset.from_dict(payload["preset"])
     dataset = load_split(p, data, split)
     cache_root = Path(payload["path"]).parent
-    source = video_source(p, dataset, cache_root, str(features) if features else None, model.clip.image_size, True)
+    source = video_source(p, dataset, cache_root, str(features) if features else None, model, True)
     metrics = evaluate_model(model, dataset, source, p.words, dsl=dsl)
     rows = {p.name: {k: v for k, v in metrics.items() if not k.startswith("dsl.")}}
     if dsl:

@@ -132,9 +132,10 @@ class FrameCache:
 class StoreSource:
     """Frame features from a `vidseek extract` feature store, addressed by the records' keys."""
 
-    def __init__(self, store, keys: Sequence[str]):
+    def __init__(self, store, keys: Sequence[str], patches: bool = False):
         self.store = store
         self.keys = list(keys)
+        self.patches = patches
         present = set(r.key for r in store.rows())
         self.missing = [k for k in self.keys if k not in present]
 
@@ -144,8 +145,11 @@ class StoreSource:
         return [i for i, k in enumerate(self.keys) if k not in missing]
 
     def train_inputs(self, indices: Sequence[int], device: str) -> FrameFeatures:
-        feats, mask = self.store.frame_features([self.keys[i] for i in indices])
-        return FrameFeatures(frames=torch.from_numpy(feats).to(device), mask=torch.from_numpy(mask).to(device))
+        keys = [self.keys[i] for i in indices]
+        feats, mask = self.store.frame_features(keys)
+        patches = torch.from_numpy(self.store.patch_features(keys)).to(device) if self.patches else None
+        return FrameFeatures(frames=torch.from_numpy(feats).to(device), mask=torch.from_numpy(mask).to(device),
+                             patches=patches)
 
     def features(self, model: RetrievalModel, indices: Sequence[int]) -> FrameFeatures:
         return self.train_inputs(indices, model.device)

@@ -87,14 +87,24 @@ def load_split(preset: Preset, data: str | Path, split: str):
     return load_dataset(data, split, fmt=preset.data_format, **preset.data_options)
 
 
-def video_source(preset: Preset, dataset, run_dir: Path, features: str | Path | None, image_size: int, progress: bool):
-    """Frames (decoded once into the run's frame cache) or a feature store, per the preset's mode."""
+def video_source(preset: Preset, dataset, run_dir: Path, features: str | Path | None, model: RetrievalModel,
+                 progress: bool):
+    """Frames (decoded once into the run's frame cache) or a feature store, per the preset's mode.
+
+    Feature mode without `features` extracts them into `run_dir/features` with the model's own
+    (frozen) image tower — e.g. the tower of the checkpoint given to `--init` — once, resumably.
+    """
+    image_size = model.clip.image_size
     if preset.train.mode == "features":
-        if features is None:
-            raise ConfigError(f"preset {preset.name} trains on extracted features: pass --features DIR from `vidseek extract`")
         from vidseek.store import FeatureStore
 
-        source = StoreSource(FeatureStore(features), [r.video_id for r in dataset.records])
+        if features is None:
+            from vidseek.store.extract import extract
+
+            features = run_dir / "features"
+            extract(dataset.root, model.clip, features, frames=preset.frames, patches=model.needs_patches,
+                    progress=progress, device=str(model.device))
+        source = StoreSource(FeatureStore(features), [r.video_id for r in dataset.records], patches=model.needs_patches)
         if len(source.usable) == 0:
             raise DatasetError(f"feature store {features} has none of the {dataset.split} videos: run `vidseek extract` on {dataset.root}")
         return source
@@ -142,8 +152,8 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
         if dist.is_main and skipped:
             print(f"init from {init_from}: kept fresh initialisation for {len(skipped)} tensors, e.g. {skipped[:3]}")
     train_ds, val_ds = load_split(preset, data, "train"), load_split(preset, data, "val")
-    train_src = video_source(preset, train_ds, run_dir, features, model.clip.image_size, progress and dist.is_main)
-    val_src = video_source(preset, val_ds, run_dir, features, model.clip.image_size, progress and dist.is_main)
+    train_src = video_source(preset, train_ds, run_dir, features, model, progress and dist.is_main)
+    val_src = video_source(preset, val_ds, run_dir, features, model, progress and dist.is_main)
 
     global_batch = cfg.batch_size
     if global_batch % dist.world_size:
