@@ -405,3 +405,64 @@ def test_presets():
             ("tiny", 8, 32, 1e-3, 1.0, True)
     model = create_model(tiny["synth-pig-tiny"])
     assert isinstance(model, PIG) and model.config.stage == 2
+
+
+# --- the video ViT against a frame-by-frame reference ----------------------------------------------
+
+def reference_vit(model: PIG, pixels, mask):
+    """Slow reference of the release's factorised attention (`CLIPAttention.forward2`): global
+    tokens attend over every real token; each frame's tokens over [globals + own frame]."""
+    visual = model.clip.model.visual
+    x = model.vit.embed(visual, pixels)
+    b, t = pixels.shape[:2]
+    g = model.vit.num_global
+    per = (x.shape[1] - g) // t
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        heads, width = attn.num_heads, x.shape[-1]
+        hd = width // heads
+        h = block.ln_1(x)
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
+        out = torch.zeros_like(x)
+        for i in range(b):
+            real = [j for j in range(t) if mask[i, j]]
+            frame_span = lambda j: list(range(g + j * per, g + (j + 1) * per))  # noqa: E731
+            groups = [(list(range(g)), list(range(g)) + sum((frame_span(j) for j in real), []))]
+            groups += [(frame_span(j), list(range(g)) + frame_span(j)) for j in range(t)]
+            for queries, keys in groups:
+                qh = q[i, queries].view(len(queries), heads, hd).transpose(0, 1)
+                kh = k[i, keys].view(len(keys), heads, hd).transpose(0, 1)
+                vh = v[i, keys].view(len(keys), heads, hd).transpose(0, 1)
+                w = torch.softmax(qh @ kh.transpose(1, 2) / hd ** 0.5, dim=-1)
+                out[i, queries] = (w @ vh).transpose(0, 1).reshape(len(queries), width)
+        x = x + F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+        x = x + block.mlp(block.ln_2(x))
+    return visual.ln_post(x) @ visual.proj
+
+
+def test_video_vit_equals_the_frame_by_frame_reference():
+    model = make_model().eval()
+    pixels, mask, _ = make_batch(model, frames=3)
+    mask[2, 2] = False
+    with torch.no_grad():
+        model.vit.temporal_embedding.normal_(0, 0.1)
+        tokens, cls_attention = model.vit(model.clip.model.visual, pixels, mask)
+        expected = reference_vit(model, pixels, mask)
+    torch.testing.assert_close(tokens[:2], expected[:2], rtol=0, atol=2e-5)
+    real = list(range(4 + 2 * 37))  # video 2: its padded frame's own outputs are never read
+    torch.testing.assert_close(tokens[2, real], expected[2, real], rtol=0, atol=2e-5)
+    assert cls_attention.shape == (3, 4, 4 + 3 * 37)
+    torch.testing.assert_close(cls_attention.sum(-1), torch.ones(3, 4), rtol=0, atol=1e-5)
+    assert float(cls_attention[2, :, 4 + 2 * 37:].abs().max()) == 0.0  # padded frame: no attention
+
+
+def test_frame_order_matters_only_through_the_temporal_embedding():
+    model = make_model(generator=False, fusion=False).eval()
+    pixels, mask, _ = make_batch(model, frames=3)
+    reversed_pixels = pixels.flip(1)
+    with torch.no_grad():
+        same = [model.index_video(video_of(model, p, mask)) for p in (pixels, reversed_pixels)]
+        model.vit.temporal_embedding.normal_(0, 0.5)
+        different = [model.index_video(video_of(model, p, mask)) for p in (pixels, reversed_pixels)]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=1e-5)  # zero-initialised: order-blind
+    assert float((different[0] - different[1]).abs().max()) > 1e-3
