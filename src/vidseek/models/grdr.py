@@ -692,3 +692,87 @@ def candidate_hit_rate(candidates: Sequence[Sequence[int]], ground_truth: Sequen
         hits += bool(wanted & set(int(c) for c in cands))
     return hits / len(candidates)
 
+
+
+# --- presets and the recall backend hook -------------------------------------------------------------
+
+#: model_config keys a GRDR preset carries besides GRDRConfig fields (read by the run/eval code).
+#: beams: beam width when only the evaluated split is indexed (the release's test-only pool);
+#: beams_full_corpus: beam width for a whole collection (20–50 in the release); dense_preset: the
+#: dense preset whose `index_video` vector GRDR tokenizes (its run goes to `--init`).
+RUN_CONFIG_KEYS = ("beams", "beams_full_corpus", "dense_preset")
+
+#: The paper benchmarks GRDR reports (METHODS.md "GRDR"): preset dataset name → codebook key.
+_GRDR_PAPER_DATASETS = {"msrvtt9k": "msrvtt", "msrvtt7k": "msrvtt", "didemo": "didemo", "lsmdc": "lsmdc",
+                        "activitynet": "activitynet"}
+
+
+def split_model_config(model_config: dict[str, Any]) -> tuple[GRDRConfig, dict[str, Any]]:
+    """A GRDR preset's model_config → (GRDRConfig, run settings from RUN_CONFIG_KEYS).
+
+    Unknown keys are an error (a typo must not silently fall back to a default)."""
+    names = {f.name for f in dataclasses.fields(GRDRConfig)}
+    unknown = set(model_config) - names - set(RUN_CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"GRDR model_config has unknown keys {sorted(unknown)}; use GRDRConfig fields or "
+                          f"{list(RUN_CONFIG_KEYS)}")
+    config = GRDRConfig(**{k: v for k, v in model_config.items() if k in names})
+    return config, {k: model_config[k] for k in RUN_CONFIG_KEYS if k in model_config}
+
+
+def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: Callable[..., Any],
+                     paper_train: Callable[..., Any], datasets: list[tuple]) -> None:
+    """Paper presets `<dataset>-grdr-<b32|b16>` (N_v 4, L 3, K per dataset: 128 MSR-VTT /
+    ActivityNet, 96 DiDeMo, 200 LSMDC; AdamW 1e-4 constant, batch 512; beams 100 test-only pool,
+    50 full corpus; the query encoder starts from the dense model's CLIP text tower, standing in
+    for the release's T5-small) and `synth-grdr-tiny` (K 24 so ~420 training videos fill the
+    codebooks; ≈ 1–2 min on 2 cores). Each phase of each loop runs `train.epochs` passes over the
+    training captions, or `train.max_steps / (3·L)` steps when max_steps is set."""
+    for ds, fmt, opts, frames, words, _epochs, desc in datasets:
+        if ds not in _GRDR_PAPER_DATASETS:
+            continue
+        k = CODEBOOK_SIZE_BY_DATASET[_GRDR_PAPER_DATASETS[ds]]
+        for backbone, clip in (("b32", "ViT-B-32"), ("b16", "ViT-B-16")):
+            register(Preset(
+                name=f"{ds}-grdr-{backbone}",
+                description=f"GRDR generative recall (4 views × 3 levels × K={k}) on {desc}, "
+                            f"over {ds}-seqtransf-{backbone} video vectors",
+                model="grdr",
+                clip=clip,
+                frames=frames,
+                words=words,
+                model_config={"num_views": 4, "levels": 3, "codebook_size": k, "text_encoder": "clip",
+                              "beams": 100, "beams_full_corpus": 50, "dense_preset": f"{ds}-seqtransf-{backbone}"},
+                data_format=fmt,
+                data_options=dict(opts),
+                train=paper_train(epochs=5, batch_size=512, lr=1e-4, weight_decay=0.0, warmup_fraction=0.0,
+                                  grad_clip=1.0, select_metric="val.grdr.hit_rate"),
+                reference=("GRDR + X-Pool rerank, MSR-VTT T2V R@1 46.0 (test-only pool, release README)"
+                           if ds == "msrvtt9k" else ""),
+            ))
+    register(Preset(
+        name="synth-grdr-tiny",
+        description="GRDR generative recall on the synthetic benchmark over synth-meanp/seqtransf-tiny "
+                    "video vectors (4 views × 3 levels × K=24, CPU minutes)",
+        model="grdr",
+        clip="tiny",
+        frames=8,
+        words=32,
+        model_config={"embed_dim": 64, "num_views": 4, "levels": 3, "codebook_size": 24, "text_encoder": "clip",
+                      "decoder_layers": 2, "decoder_heads": 4, "dropout": 0.1, "kmeans_iters": 30,
+                      "beams": 100, "beams_full_corpus": 20, "dense_preset": "synth-seqtransf-tiny"},
+        data_format="jsonl",
+        train=synth_train(epochs=100, max_steps=540, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_fraction=0.0,
+                          hard_negatives=False, eval_every=None, select_metric="val.grdr.hit_rate"),
+    ))
+
+
+def register_recall_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """`vidseek index --recall grdr:CKPT`: semantic-ID trie recall (vidseek.search.grdr_backend)."""
+
+    def build(checkpoint: str, state_dir: Path, options: Any, device: str, expected_sha256: str | None) -> Any:
+        from vidseek.search.grdr_backend import GRDRRecallBackend
+
+        return GRDRRecallBackend.build(checkpoint, state_dir, options, device, expected_sha256)
+
+    register("grdr", build)
