@@ -70,7 +70,7 @@ class PIGConfig:
     backbone: Literal["vip", "frames"] = "vip"
     num_extra_cls: int = 3  # CLIP-ViP "added_cls": 1 video CLS + 3 = 4 global tokens
     its_topk: int = 16  # patches the informativeness token selector keeps (supp. Fig. S1)
-    generation_weight: float = 1.0  # weight of the generation loss (supp. Fig. S1)
+    generation_weight: float = 1.0  # weight of the generation loss in stage 2 (supp. Fig. S1); stage 1 uses it alone
     stage: int = 2  # 1: generator pre-training, 2: full fine-tuning
     fusion_dropout: float = 0.1
     generator: bool = True
@@ -460,6 +460,9 @@ _PAPER_DATASETS: dict[str, tuple[dict[str, Any], int, int]] = {
 _PAPER_ANCHORS = {
     "msrvtt9k": "PIG, MSR-VTT-1k: +1.6–3.9 T2V R@1 over its baseline (abstract); V2T R@1 47.5 with B/32 (supp. Table S2)",
     "msrvtt7k": "PIG, MSR-VTT-3k: +1.6–3.9 T2V R@1 over its baseline (abstract); V2T R@1 56.6 with B/32 (supp. Table S2)",
+    "msvd": "PIG, MSVD: +1.6–3.9 T2V R@1 over its baseline across the five benchmarks (abstract)",
+    "vatex": "PIG, VATEX: +1.6–3.9 T2V R@1 over its baseline across the five benchmarks (abstract)",
+    "didemo": "PIG, DiDeMo: +1.6–3.9 T2V R@1 over its baseline across the five benchmarks (abstract)",
 }
 
 #: (name part, model_config, what it is)
