@@ -207,6 +207,16 @@ def test_seeking_gives_pixel_identical_frames_to_a_full_decode(clips, kwargs):
     assert _frame_numbers(clip.frames) == clip.indices
 
 
+def test_skipping_non_reference_frames_never_loses_a_wanted_frame(clips, monkeypatch):
+    # With no safety margin the decoder skips B-frames right up to the wanted ones, so some wanted
+    # frames are skipped; the gap must be noticed and that stretch decoded again.
+    monkeypatch.setattr(decode_module, "_SKIP_MARGIN_FRAMES", 0)
+    reference = _decode_every_frame(clips["long250"])
+    for kwargs in ({"num_frames": 12}, {"num_frames": 40}, {"num_frames": 12, "sampling": "jitter", "rng": np.random.default_rng(1)}):
+        clip = read_frames(clips["long250"], **kwargs)
+        np.testing.assert_array_equal(clip.frames, reference[clip.indices])
+
+
 def test_decoding_stops_after_the_last_sampled_frame(clips, decoded_counter):
     # 10 s, 250 frames, keyframe every 10 frames.
     clip = read_frames(clips["long250"], num_frames=4, start=0.0, end=1.0)

@@ -20,6 +20,7 @@ import bisect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +38,11 @@ SAMPLING_STRATEGIES = ("uniform", "fps", "jitter")
 _METADATA_SLACK_FRAMES = 2
 _METADATA_SLACK_FRACTION = 0.05
 _TIME_EPS = 1e-9
+# Frames far from the next wanted one are decoded only if other frames reference them. Skipping
+# stops this many frames (plus one per decoder thread) before a wanted frame, more than the
+# reorder delay of common encoders (x264's default is 2); should a deeper reorder still hide a
+# wanted frame, the gap is noticed and that stretch is decoded again without skipping.
+_SKIP_MARGIN_FRAMES = 8
 # Containers that store no presentation times: with B-frames the decoder hands out frames with
 # other frames' timestamps, so frames are counted from the start instead.
 _FORMATS_WITHOUT_PRESENTATION_TIMES = frozenset({"avi"})
@@ -72,8 +78,15 @@ class _Timing:
     time_base: Fraction  # seconds per pts tick
     start_pts: int
 
+    @cached_property
+    def _frames_per_tick(self) -> Fraction:
+        return self.time_base * self.rate
+
     def index_of(self, pts: int) -> int:
-        return int(round((pts - self.start_pts) * self.time_base * self.rate))
+        # Integer round-half-up of (pts - start) * time_base * rate: this runs once per decoded
+        # frame, and Fraction arithmetic would cost more than the rest of the loop.
+        ratio = self._frames_per_tick
+        return (2 * (pts - self.start_pts) * ratio.numerator + ratio.denominator) // (2 * ratio.denominator)
 
     def pts_of(self, index: int) -> int:
         return self.start_pts + math.floor(Fraction(index) / self.rate / self.time_base)
@@ -284,7 +297,12 @@ def _decode_wanted(
     last_index = -1  # frame number of the last decoded frame
     seek_target = _first_seek_target(keyframes, timing, wanted[0]) if allow_seek else None
     backoff_steps = 0
+    codec = stream.codec_context
+    skip_margin = _SKIP_MARGIN_FRAMES + max(codec.thread_count, 1)
+    skip_allowed = allow_seek  # counting frames (no timestamps) needs every frame
     while pending < len(wanted):
+        codec.skip_frame = "DEFAULT"  # after a seek, the frame we land on is unknown
+        skipped_in_run = False
         # A seek (to the wanted frame's time; the demuxer lands on the keyframe at or before it)
         # must move forward and must not pass the wanted frame; both are checked on landing.
         if seek_target is not None:
@@ -305,6 +323,13 @@ def _decode_wanted(
                     break
                 if index <= last_index:  # landed behind us: the index misled; read on from here
                     keyframes.usable = False
+            if skipped_in_run and previous is not None and index > wanted[pending] > previous[1]:
+                # The wanted frame never came out: it was a skipped non-reference frame. Decode
+                # this stretch again without skipping.
+                skip_allowed = False
+                seek_target = timing.pts_of(wanted[pending])
+                break
+            resolved = pending
             while pending < len(wanted) and wanted[pending] <= index:
                 shown = frame if wanted[pending] == index or previous is None else previous[0]
                 frames[pending] = shown.to_ndarray(format="rgb24", width=width, height=height)
@@ -317,9 +342,14 @@ def _decode_wanted(
             last_index = max(last_index, index)
             if pending == len(wanted):
                 break
-            seek_target = _worthwhile_seek_target(keyframes, timing, frame.pts, wanted[pending])
-            if seek_target is not None:
-                break
+            # Skip non-reference frames while far from the next wanted one: nothing depends on them.
+            far = skip_allowed and wanted[pending] - index > skip_margin
+            codec.skip_frame = "NONREF" if far else "DEFAULT"
+            skipped_in_run = skipped_in_run or far
+            if pending > resolved:  # just passed a wanted frame: jump ahead if a keyframe allows
+                seek_target = _worthwhile_seek_target(keyframes, timing, frame.pts, wanted[pending])
+                if seek_target is not None:
+                    break
         else:
             if pending < len(wanted):
                 raise _EndOfStream(last_index + 1)
