@@ -13,7 +13,13 @@ ID holds ~2 videos and the candidate sets are ~2× the beam count.
 The text encoder is timed on its own (both recall methods need one); the speed-up compares the
 recall work proper: beam search + expansion vs the flat scan.
 
+With trained runs (`--grdr RUN --dense RUN --data DIR`), a second part measures the cascade on
+the synthetic benchmark's test split (test-only pool): GRDR recall → rerank with the dense model
+vs reranking the full corpus with the same model — T2V R@1 and wall-clock ms per query (query
+encoding included) of each, side by side (`vidseek.eval.grdr_eval.run_grdr_eval`).
+
     .venv/bin/python benchmarks/recall.py [--sizes 100000 1000000] [--queries 64]
+        [--grdr runs/grdr --dense runs/seqtransf --data runs/synth [--cascade-beams 100]]
 """
 from __future__ import annotations
 
@@ -50,6 +56,36 @@ def build_dense_index(n: int, dim: int, rng: np.random.Generator, chunk: int = 1
     return index
 
 
+def cascade_part(args: argparse.Namespace) -> list[str]:
+    """GRDR recall → rerank vs full-corpus rerank on real runs; lines to print (or why skipped)."""
+    if not (args.grdr and args.data):
+        return ["cascade part skipped: pass --grdr RUN --data DIR (and --dense RUN to choose the reranker)"]
+    from vidseek.eval.grdr_eval import run_grdr_eval
+
+    torch.set_num_threads(1)
+    m = run_grdr_eval(args.grdr, args.data, split=args.split, beams=args.cascade_beams, rerank=args.dense,
+                      device="cpu", progress=False, echo=False)
+    return [
+        f"Cascade on {args.data} [{args.split}]: {int(m['num_videos'])} videos, {int(m['num_queries'])} queries, "
+        f"beams {int(m['beams'])}, reranker {args.dense or 'its own dense model'} (wall clock, 1 thread)",
+        "",
+        "| method | T2V R@1 | R@5 | R@10 | ms/query | candidates/query | recall hit rate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| GRDR recall → rerank | {m['cascade.R@1']:.1f} | {m['cascade.R@5']:.1f} | {m['cascade.R@10']:.1f} | "
+        f"{m['cascade.ms_per_query']:.2f} | {m['grdr.candidates.mean']:.1f} | {m['grdr.hit_rate']:.1f} |",
+        f"| full-corpus rerank | {m['full.R@1']:.1f} | {m['full.R@5']:.1f} | {m['full.R@10']:.1f} | "
+        f"{m['full.ms_per_query']:.2f} | {int(m['num_videos'])} | 100.0 |",
+        f"| dense top-C, same count per query | | | | | {m['grdr.candidates.mean']:.1f} | {m['dense.hit_rate_same_size']:.1f} |",
+        "",
+        f"cascade R@1 = {m['cascade.R@1_vs_full']:.1f}% of full-corpus R@1; "
+        f"views sharing a full ID: {m[f'grdr.views.same_prefix.l{run_levels(m)}']:.1f}%",
+    ]
+
+
+def run_levels(metrics: dict) -> int:
+    return max(int(k.rsplit(".l", 1)[1]) for k in metrics if k.startswith("grdr.views.same_prefix.l"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -58,7 +94,14 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--dense-k", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grdr", help="trained GRDR run (cascade part)")
+    parser.add_argument("--dense", help="dense run that reranks in the cascade part (default: the GRDR run's own)")
+    parser.add_argument("--data", help="dataset folder of the cascade part (e.g. the synthetic benchmark)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--cascade-beams", type=int, default=None, help="default: the GRDR preset's test-only pool width")
     args = parser.parse_args()
+
+    cascade_lines = cascade_part(args)
 
     import faiss
 
@@ -141,6 +184,9 @@ def main() -> None:
         print(f"speed-up vs dense at {n:,} videos, beams {beams}: {ratio:.1f}x")
     largest = max(args.sizes)
     label = "1M" if largest == 1_000_000 else f"{largest:,}"
+    print()
+    for line in cascade_lines:
+        print(line)
     print(f"(headline: beams {max(args.beams)}; bytes = stored semantic IDs vs float32 vectors)")
     print(f"recall speed-up at {label}: {speedups[(largest, max(args.beams))]:.1f}x")
     print(f"bytes per video: grdr {grdr_bytes[largest]}, dense {dense_bytes[largest]:.0f}")
