@@ -109,11 +109,13 @@ class _NeedSequentialDecode(Exception):
 
 
 class _EndOfStream(Exception):
-    """Decoding ended before a wanted frame: the stream holds only `frame_count` frames."""
+    """Decoding ended before a wanted frame: the stream holds `frame_count` frames, or, when
+    `exact` is False (non-reference frames near the end were skipped), at least that many."""
 
-    def __init__(self, frame_count: int):
+    def __init__(self, frame_count: int, exact: bool):
         super().__init__(frame_count)
         self.frame_count = frame_count
+        self.exact = exact
 
 
 def _one_line(err: BaseException) -> str:
@@ -352,7 +354,7 @@ def _decode_wanted(
                     break
         else:
             if pending < len(wanted):
-                raise _EndOfStream(last_index + 1)
+                raise _EndOfStream(last_index + 1, exact=not skipped_in_run)
     return frames, timestamps
 
 
@@ -468,8 +470,9 @@ def read_frames(
             try:
                 frames, timestamps = _decode_wanted(container, stream, timing, wanted, info.width, info.height, allow_seek)
             except _EndOfStream as short:
-                _check_plausible_shortfall(path, declared.total_frames, short.frame_count, info.total_frames)
-                info, wanted = replace(info, total_frames=short.frame_count), []
+                frame_count = short.frame_count if short.exact else _count_frames_from_tail(path, info.duration)
+                _check_plausible_shortfall(path, declared.total_frames, frame_count, info.total_frames)
+                info, wanted = replace(info, total_frames=frame_count), []
                 continue
             except _NeedSequentialDecode:
                 allow_seek = False
