@@ -113,6 +113,7 @@ def eval_cmd(
     features: Optional[Path] = typer.Option(None, "--features", help="Feature store for feature-mode models."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics + settings as JSON."),
     dsl: bool = typer.Option(False, "--dsl", help="Add a separately labelled dual-softmax (DSL) row."),
+    recall_curve: Optional[Path] = typer.Option(None, "--recall-curve", help="Also draw the T2V recall@K curve to this PNG."),
     beams: int = typer.Option(100, "--beams", help="GRDR runs: beam width of the trie-constrained search."),
     rerank: Optional[Path] = typer.Option(None, "--rerank", help="GRDR runs: checkpoint that reranks the candidates."),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -140,7 +141,12 @@ def eval_cmd(
     dataset = load_split(p, data, split)
     cache_root = Path(payload["path"]).parent
     source = video_source(p, dataset, cache_root, str(features) if features else None, model, True)
-    metrics = evaluate_model(model, dataset, source, p.words, dsl=dsl)
+    ranks: dict = {}
+    metrics = evaluate_model(model, dataset, source, p.words, dsl=dsl, ranks_out=ranks)
+    if recall_curve:
+        from vidseek.eval.plots import plot_recall_curves
+
+        plot_recall_curves({p.name: ranks["t2v"]}, recall_curve, title=f"T2V recall@K, {split}")
     rows = {p.name: {k: v for k, v in metrics.items() if not k.startswith("dsl.")}}
     if dsl:
         rows[f"{p.name} + DSL"] = {k[4:]: v for k, v in metrics.items() if k.startswith("dsl.")}

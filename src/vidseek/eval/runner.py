@@ -81,8 +81,10 @@ def hard_negative_metrics(sim: np.ndarray, query_video: Sequence[int], video_ids
 
 
 def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, *, dsl: bool = False,
-                   batch_size: int = 32) -> dict[str, float]:
-    """Full T2V/V2T report on `dataset` (a RetrievalDataset) with videos from `source`."""
+                   batch_size: int = 32, ranks_out: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Full T2V/V2T report on `dataset` (a RetrievalDataset) with videos from `source`.
+
+    `ranks_out`, if given, receives the per-query T2V ranks under "t2v" (for recall curves)."""
     from vidseek.eval.metrics import dual_softmax, retrieval_report
 
     model.eval()
@@ -98,6 +100,10 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
     sim = similarity_matrix(model, text, video)
     query_video = [v for _, v in queries]
     report = retrieval_report(sim, query_video)
+    if ranks_out is not None:
+        from vidseek.eval.metrics import gt_ranks
+
+        ranks_out["t2v"] = gt_ranks(sim, query_video)
     report["num_videos_failed"] = float(len(dataset.records) - len(usable))
     meta = [dataset.records[i].meta for i in usable]
     if any(m.get("hard_negatives") for m in meta):
