@@ -403,8 +403,46 @@ def test_presets():
     for p in tiny.values():
         assert (p.clip, p.frames, p.words, p.train.lr, p.train.clip_lr_coef, p.train.hard_negatives) == \
             ("tiny", 8, 32, 1e-3, 1.0, True)
+        assert p.model_config["backbone"] == "frames"  # reads frozen-tower features (synth recipe)
+    assert tiny["synth-pig-stage1-tiny"].model_config["stage"] == 1
+    assert tiny["synth-pig-baseline-tiny"].model_config["generator"] is False
     model = create_model(tiny["synth-pig-tiny"])
-    assert isinstance(model, PIG) and model.config.stage == 2
+    assert isinstance(model, PIG) and model.config.stage == 2 and model.needs_patches
+
+
+def test_init_from_a_two_tower_checkpoint_rederives_the_clip_copies(tmp_path):
+    """`--init synth-clip-tiny`: the generator must start as the LOADED text tower, not the
+    random one PIG was built on; a PIG checkpoint's own generator is kept as saved."""
+    from vidseek.encoders.weights import set_mlp_activation
+    from vidseek.models.twotower import TwoTower
+    from vidseek.train.checkpoint import save_checkpoint
+    from vidseek.train.loop import init_weights_from
+
+    torch.manual_seed(11)
+    pretrained = TwoTower(build_clip("tiny", context_length=WORDS))
+    set_mlp_activation(pretrained.clip.model, "text", "quick_gelu")
+    path = tmp_path / "clip.pt"
+    save_checkpoint(path, model=pretrained, preset={"name": "synth-clip-tiny"}, step=1, epoch=0, batch_in_epoch=1)
+
+    model = make_model(seed=12, stage=1)
+    skipped = init_weights_from(model, path)
+    assert "generator.mapper.weight" in skipped
+    text = pretrained.clip.model
+    for key, value in model.generator.transformer.state_dict().items():
+        assert torch.equal(value, text.transformer.state_dict()[key]), key
+    assert torch.equal(model.generator.bos_embedding, text.token_embedding.weight[49406])
+    assert torch.equal(model.generator.positional_embedding, text.positional_embedding)
+    assert model.generator.get_extra_state().tolist() == [1]  # quick_gelu followed the tower
+    assert torch.equal(model.vit.frame_cls, pretrained.clip.model.visual.class_embedding)
+    assert torch.equal(model.vit.extra_cls[2], pretrained.clip.model.visual.class_embedding)
+
+    trained = make_model(seed=13)
+    with torch.no_grad():
+        trained.generator.ln_final.weight.add_(0.5)
+    restored = make_model(seed=14)
+    restored.load_state_dict(trained.state_dict())
+    assert torch.equal(restored.generator.ln_final.weight, trained.generator.ln_final.weight)
+    assert not torch.equal(restored.generator.ln_final.weight, restored.clip.model.ln_final.weight)
 
 
 # --- the video ViT against a frame-by-frame reference ----------------------------------------------

@@ -148,11 +148,17 @@ class VideoViT(nn.Module):
 
     def __init__(self, visual: nn.Module, num_extra_cls: int, max_frames: int):
         super().__init__()
-        class_embedding = visual.class_embedding.detach()
-        width = class_embedding.shape[-1]
-        self.extra_cls = nn.Parameter(class_embedding.clone().unsqueeze(0).repeat(num_extra_cls, 1))
-        self.frame_cls = nn.Parameter(class_embedding.clone())
+        width = visual.class_embedding.shape[-1]
+        self.extra_cls = nn.Parameter(torch.empty(num_extra_cls, width))
+        self.frame_cls = nn.Parameter(torch.empty(width))
         self.temporal_embedding = nn.Parameter(torch.zeros(max_frames, width))
+        self.copy_from(visual)
+
+    @torch.no_grad()
+    def copy_from(self, visual: nn.Module) -> None:
+        """(Re)initialise the extra and frame CLS tokens from the image tower's class embedding."""
+        self.extra_cls.copy_(visual.class_embedding.expand_as(self.extra_cls))
+        self.frame_cls.copy_(visual.class_embedding)
 
     @property
     def num_global(self) -> int:
@@ -224,9 +230,26 @@ class PseudoQueryGenerator(nn.Module):
         proj = text.text_projection
         self.text_projection = nn.Parameter(proj.detach().clone()) if isinstance(proj, nn.Parameter) \
             else copy.deepcopy(proj)
-        rows = text.token_embedding.weight.detach()
-        self.register_buffer("bos_embedding", rows[SOT_TOKEN_ID].clone())
-        self.register_buffer("eos_embedding", rows[EOT_TOKEN_ID].clone())
+        self.register_buffer("bos_embedding", torch.empty(width))
+        self.register_buffer("eos_embedding", torch.empty(width))
+        self.copy_from(clip)
+
+    @torch.no_grad()
+    def copy_from(self, clip: nn.Module) -> None:
+        """(Re)initialise everything but the mapper from the CLIP text tower (weights, BOS/EOS
+        rows and the MLP activation)."""
+        text = clip.model
+        self.transformer.load_state_dict(text.transformer.state_dict())
+        self.ln_final.load_state_dict(text.ln_final.state_dict())
+        self.positional_embedding.copy_(text.positional_embedding)
+        proj = text.text_projection
+        if isinstance(proj, nn.Module):
+            self.text_projection.load_state_dict(proj.state_dict())
+        else:
+            self.text_projection.copy_(proj)
+        self.bos_embedding.copy_(text.token_embedding.weight[SOT_TOKEN_ID])
+        self.eos_embedding.copy_(text.token_embedding.weight[EOT_TOKEN_ID])
+        set_mlp_activation(self, "text", mlp_activation(text, "text"))
 
     # The MLP activation (QuickGELU for OpenAI weights) is no weight: keep it in checkpoints, as
     # ClipBackbone does for its towers, so a reloaded generator matches the trained one.
@@ -330,9 +353,27 @@ class PIG(RetrievalModel):
         self.generator = PseudoQueryGenerator(clip) if cfg.generator else None
         self.fusion = PseudoQueryFusion(clip.embed_dim, cfg.fusion_dropout) if cfg.fusion else None
         self.logit_scale = LogitScale()
+        self.register_load_state_dict_post_hook(PIG._rederive_clip_copies)
         if cfg.stage == 1:
             for name, param in self.named_parameters():
                 param.requires_grad_(name.startswith("generator."))
+
+    @staticmethod
+    def _rederive_clip_copies(model: "PIG", incompatible: Any) -> None:
+        """After a load that brought CLIP weights but not PIG's copies of them — `--init` from a
+        two-tower checkpoint such as synth-clip-tiny — copy them again from the loaded towers, so
+        the generator starts as *this* text tower (METHODS.md) rather than the one PIG was built on."""
+        missing = set(incompatible.missing_keys)
+
+        def absent(module_name: str, module: nn.Module) -> bool:
+            return all(f"{module_name}.{key}" in missing for key in module.state_dict())
+
+        if model.generator is not None and absent("generator", model.generator) \
+                and not absent("clip.model.transformer", model.clip.model.transformer):
+            model.generator.copy_from(model.clip)
+        if model.vit is not None and {"vit.extra_cls", "vit.frame_cls"} <= missing \
+                and "clip.model.visual.class_embedding" not in missing:
+            model.vit.copy_from(model.clip.model.visual)
 
     # video side ------------------------------------------------------------------------------
     def encode_frames(self, frames: Tensor, mask: Tensor) -> FrameFeatures:
@@ -478,7 +519,7 @@ def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: 
     """Paper presets `<dataset>-pig[-stage1|-baseline]-<b32|b16>` (supp. Table S3: batch 128,
     AdamW wd 0.2, cosine with 1 % warmup, 100 epochs, lr 1e-4 stage 1 / 1e-6 stage 2 on every
     parameter) and the tiny synthetic presets `synth-pig-stage1-tiny`, `synth-pig-tiny`,
-    `synth-pig-baseline-tiny` (random-init tiny CLIP, CPU minutes)."""
+    `synth-pig-baseline-tiny` (tiny CLIP, "frames" backbone, CPU minutes)."""
     for ds, fmt, opts, _frames, _words, _epochs, desc in datasets:
         if ds not in _PAPER_DATASETS:
             continue
@@ -500,15 +541,18 @@ def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: 
                                       warmup_fraction=0.01, grad_clip=1.0),
                     reference=_PAPER_ANCHORS.get(ds, "") if part == "pig" else "",
                 ))
+    # The synth recipe trains methods on frozen image-tower features (start from synth-clip-tiny
+    # with --init; stage 2 from stage 1), which only the "frames" backbone can read; the "vip"
+    # backbone re-runs its own video ViT on pixels (mode "frames").
     for part, model_config, what in _VARIANTS:
         register(Preset(
             name=f"synth-{part}-tiny",
-            description=f"{what} on the synthetic benchmark, tiny random-init CLIP (CPU minutes)",
+            description=f"{what} on the synthetic benchmark, tiny CLIP, frame backbone (CPU minutes)",
             model="pig",
             clip="tiny",
             frames=8,
             words=32,
-            model_config=dict(model_config),
+            model_config={"backbone": "frames", **model_config},
             data_format="jsonl",
             train=synth_train(lr=1e-3, clip_lr_coef=1.0, hard_negatives=True),
         ))
