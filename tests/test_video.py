@@ -419,6 +419,7 @@ def test_preprocess_flat_colour_is_exact():
         assert torch.allclose(out[0, channel], torch.full((16, 16), expected), atol=1e-6)
     with pytest.raises(ValueError):
         preprocess_frames(frames.astype(np.float32), 16)
+    assert preprocess_frames(frames[:0], 16).shape == (0, 3, 16, 16)
 
 
 def test_pad_frames_mask_and_limits():

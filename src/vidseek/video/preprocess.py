@@ -35,9 +35,11 @@ def preprocess_frames(frames: np.ndarray, size: int) -> torch.Tensor:
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     n, height, width, _ = frames.shape
+    if n == 0:
+        return torch.empty((0, 3, size, size), dtype=torch.float32)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     new_h, new_w = _resized_size(height, width, size)
-    if (new_h, new_w) != (height, width) and n > 0:
+    if (new_h, new_w) != (height, width):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
         x = x.clamp_(0.0, 255.0).round_()  # PIL returns an 8-bit image
     # Centre crop offsets as torchvision's CenterCrop computes them.
