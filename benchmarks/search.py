@@ -12,15 +12,17 @@ One run prints one markdown table, one row per collection size, measured side by
   of requests), the ratio HTTP p50 (1 client) / in-process p50, and the HTTP p50 of the same
   request to an endpoint that only parses it (what transport + JSON cost without the search).
 
-Data: synthetic 512-d L2-normalised vectors drawn around √N random centres (cosine to the centre
-≈ 0.7), queries drawn the same way with fresh noise, so neighbours are structured and ANN recall
-means something (uniform noise in 512-d has no near neighbours at all).
+Data: synthetic 512-d L2-normalised vectors drawn around √N centres (cosine to the centre ≈ 0.7),
+the centres themselves grouped under ⁴√N topics; queries are drawn the same way with fresh
+noise. Neighbours are structured, so ANN recall means something (uniform noise in 512-d has no
+near neighbours at all).
 
 `measure_http_latency(app, requests, concurrency)` takes any ASGI app, so the HTTP part can be
 pointed at the real `vidseek serve` app: pass that app and its search requests, e.g.
 ``HttpRequest("GET", "/api/search", params={"q": "a dog"})``.
 
-Latencies are wall-clock: on a shared machine they carry other jobs' noise; the HTTP/in-process
+Build time is wall-clock with its process CPU seconds beside it (all threads; on a shared
+machine the CPU figure is the stable one). Latencies are wall-clock: on a shared machine they carry other jobs' noise; the HTTP/in-process
 ratio is measured in the same run. Client threads share the server's process (and GIL), as a
 co-located client would.
 
@@ -52,9 +54,16 @@ K = 10
 # Data
 # ------------------------------------------------------------------------------------------------
 def cluster_centres(count: int, dim: int, rng: np.random.Generator) -> np.ndarray:
-    """√count random unit centres (at least 16)."""
-    centres = rng.standard_normal((max(16, int(round(np.sqrt(count)))), dim), dtype=np.float32)
-    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    """√count unit centres (≥ 16) in two levels: each is a perturbed copy of one of ⁴√count
+    topic centres (cos ≈ 0.7 to its topic), so neighbouring clusters overlap, as related topics do
+    in an embedding space, and IVF cells do not line up with clean islands."""
+    def unit(rows: np.ndarray) -> np.ndarray:
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    topics = unit(rng.standard_normal((max(4, int(round(count ** 0.25))), dim), dtype=np.float32))
+    centre_count = max(16, int(round(np.sqrt(count))))
+    noise = rng.standard_normal((centre_count, dim), dtype=np.float32) / np.sqrt(dim)
+    return unit(topics[rng.integers(0, topics.shape[0], centre_count)] + noise)
 
 
 def clustered_unit_vectors(count: int, centres: np.ndarray, rng: np.random.Generator,
@@ -190,9 +199,9 @@ def bench_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
     queries = clustered_unit_vectors(max(args.queries, args.http_requests), centres, rng)
 
     index = build_dense_index(DIM, expected_count=count)
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     index.add(np.arange(count, dtype=np.int64), vectors)
-    build_s = time.perf_counter() - began
+    build_s, build_cpu_s = time.perf_counter() - began, time.process_time() - began_cpu
 
     folder = Path(tempfile.mkdtemp(prefix="vidseek-bench-index-"))
     try:
@@ -216,7 +225,7 @@ def bench_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
     try:
         return _measure_latencies(index, queries, args) | {
             "count": count, "index_type": index.index_type, "nprobe": index.search_effort,
-            "build_s": build_s, "index_bytes": index_bytes, "recall": recall,
+            "build_s": build_s, "build_cpu_s": build_cpu_s, "index_bytes": index_bytes, "recall": recall,
         }
     finally:
         faiss.omp_set_num_threads(threads_before)
@@ -254,14 +263,14 @@ def _measure_latencies(index: DenseIndex, queries: np.ndarray, args: argparse.Na
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| vectors (512-d) | index type | nprobe | build s | index MB | recall@10 vs exact | "
+        "| vectors (512-d) | index type | nprobe | build s (CPU s) | index MB | recall@10 vs exact | "
         "in-process p50 / p99 ms | HTTP 1 client p50 / p99 ms | HTTP 16 clients p50 / p99 ms | "
         "HTTP p50 / in-process p50 | HTTP p50 without search (1 client) ms |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['count']:,} | {row['index_type']} | {row['nprobe'] or '—'} | {row['build_s']:.1f} | "
+            f"| {row['count']:,} | {row['index_type']} | {row['nprobe'] or '—'} | {row['build_s']:.1f} ({row['build_cpu_s']:.0f}) | "
             f"{row['index_bytes'] / 1e6:.1f} | {row['recall']:.3f} | {row['in_p50']:.2f} / {row['in_p99']:.2f} | "
             f"{row['http1'][0]:.2f} / {row['http1'][1]:.2f} | {row['http16'][0]:.2f} / {row['http16'][1]:.2f} | "
             f"{row['ratio']:.1f}× | {row['parse_only_p50']:.2f} |"
