@@ -216,19 +216,11 @@ def bench_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
     recall = float(np.mean([np.intersect1d(f, e).size / K for f, e in zip(found_ids, exact_ids)]))
     del vectors  # the index holds its own copy; free the source before the latency runs
 
-    # One OpenMP thread per search while measuring latency: a single query has no parallel work
-    # (faiss parallelises over queries), and an idle OpenMP team on a busy 2-core machine stalls
-    # it (measured: flat 10k p50 0.9 ms with 1 thread vs 20 ms with 2). Concurrency comes from
-    # concurrent requests instead, as in a server.
-    threads_before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(args.search_threads)
-    try:
-        return _measure_latencies(index, queries, args) | {
-            "count": count, "index_type": index.index_type, "nprobe": index.search_effort,
-            "build_s": build_s, "build_cpu_s": build_cpu_s, "index_bytes": index_bytes, "recall": recall,
-        }
-    finally:
-        faiss.omp_set_num_threads(threads_before)
+    # single-query searches run with one OpenMP thread inside FaissDenseIndex.search itself
+    return _measure_latencies(index, queries, args) | {
+        "count": count, "index_type": index.index_type, "nprobe": index.search_effort,
+        "build_s": build_s, "build_cpu_s": build_cpu_s, "index_bytes": index_bytes, "recall": recall,
+    }
 
 
 def _measure_latencies(index: DenseIndex, queries: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
@@ -285,7 +277,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=200, help="queries for recall and in-process latency")
     parser.add_argument("--http-requests", type=int, default=192, help="requests per HTTP concurrency level")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds")
-    parser.add_argument("--search-threads", type=int, default=1, help="faiss OpenMP threads while measuring latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = [10_000] if args.quick else [int(size) for size in args.sizes.split(",") if size.strip()]

@@ -308,3 +308,16 @@ def test_searches_running_alongside_adds_always_see_a_consistent_index():
     for reader in readers:
         reader.join()
     assert failures == [] and len(index) == 3000
+
+
+def test_single_query_search_leaves_the_callers_openmp_thread_count_alone():
+    import faiss
+
+    index = build_dense_index(8, index_type="flat")
+    index.add(np.arange(50), unit_vectors(50, 8, seed=17))
+    faiss.omp_set_num_threads(2)
+    try:
+        assert index.search(unit_vectors(1, 8, seed=18), 3)[1].shape == (1, 3)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(1)

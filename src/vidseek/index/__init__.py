@@ -6,5 +6,13 @@ from vidseek.index.dense import (
     choose_index_type,
     load_dense_index,
 )
+from vidseek.index.milvus import MilvusDenseIndex  # pymilvus itself is imported only on use
 
-__all__ = ["DenseIndex", "FaissDenseIndex", "build_dense_index", "choose_index_type", "load_dense_index"]
+__all__ = [
+    "DenseIndex",
+    "FaissDenseIndex",
+    "MilvusDenseIndex",
+    "build_dense_index",
+    "choose_index_type",
+    "load_dense_index",
+]
