@@ -321,3 +321,14 @@ def test_single_query_search_leaves_the_callers_openmp_thread_count_alone():
         assert faiss.omp_get_max_threads() == 2
     finally:
         faiss.omp_set_num_threads(1)
+
+
+def test_corrupt_faiss_file_is_a_one_line_search_index_error(tmp_path):
+    index = build_dense_index(8, index_type="flat")
+    index.add(np.arange(20), unit_vectors(20, 8, seed=19))
+    index.save(tmp_path)
+    (index_file,) = tmp_path.glob("*.faiss")
+    index_file.write_bytes(index_file.read_bytes()[:40])  # truncated by a full disk, say
+    with pytest.raises(SearchIndexError, match="is not a readable FAISS index") as caught:
+        load_dense_index(tmp_path)
+    assert "\n" not in str(caught.value) and "rebuild the index" in str(caught.value)

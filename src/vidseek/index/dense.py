@@ -51,9 +51,8 @@ KMEANS_ITERATIONS = 10
 KMEANS_MAX_POINTS_PER_CENTROID = 64  # training sample cap: k-means cost is O(sample·nlist·dim·iters)
 
 # --- search-effort calibration ------------------------------------------------------------------
-PROMISED_RECALL_AT_10 = 0.95
-# Calibrate to a margin above the promise: the estimate below uses a few hundred queries, whose
-# sampling error is ≈ ±0.01.
+# The promise is recall@10 ≥ 0.95 of exact search; calibrate to a margin above it, because the
+# estimate uses a few hundred held-out queries (sampling error ≈ ±0.01).
 CALIBRATION_TARGET_RECALL = 0.97
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
@@ -503,7 +502,11 @@ class FaissDenseIndex:
             index_path = folder / files["index"]
             if not index_path.is_file():
                 raise SearchIndexError(f"{index_path} named by {folder / DENSE_META_FILE} is missing; rebuild the index")
-            index._index = faiss.read_index(str(index_path))
+            try:
+                index._index = faiss.read_index(str(index_path))
+            except RuntimeError as err:  # FAISS reports a truncated / foreign file as RuntimeError
+                reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise SearchIndexError(f"{index_path} is not a readable FAISS index ({reason}); rebuild the index") from err
             if index._index.d != index.dim:
                 raise SearchIndexError(f"{index_path} holds {index._index.d}-d vectors but dense.json says {index.dim}; rebuild the index")
             if parse_index_type(index.index_type, index.dim).kind == "hnsw":
