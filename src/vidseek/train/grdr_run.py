@@ -66,7 +66,7 @@ def load_dense(checkpoint: str | Path, device: str, expected_sha256: str | None 
     loaded = load_checkpoint_model(path, device, expected_sha256=expected_sha256)
     if not loaded.model.supports_dense_recall:
         raise ConfigError(f"{loaded.checkpoint} holds a {loaded.model.name} model, a reranker without one vector per "
-                          f"video; {MISSING_INIT.split(': ')[1]} (two-tower or PIG)")
+                          "video; pass --init RUN_OF_A_DENSE_MODEL (a two-tower or PIG run)")
     return loaded
 
 
