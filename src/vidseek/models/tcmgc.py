@@ -316,6 +316,7 @@ class _TextSide:
     queries: Tensor  # [B, Q, D] raw LVA queries: [sentence][words]
     probes: Tensor  # [B, 2(W+1), D]: video probes [sent·W_g, words], frame probes [sent, words·W_l]
     word_valid: Tensor | None  # [B, W] when text_mask is on
+    fast_cache: tcmgc_fast.LVATextCache | None = None  # LN1(queries), p⊙γ3, ... for the fast path
 
 
 class TCMGC(RetrievalModel):
@@ -387,20 +388,26 @@ class TCMGC(RetrievalModel):
         return UnconditionedVideo(video=pooled, frames=F.normalize(frames, dim=-1), frame_valid=mask)
 
     # text side --------------------------------------------------------------------------------
-    def _text_side(self, text: TextFeatures) -> _TextSide:
+    def _check_text(self, text: TextFeatures) -> None:
         words, w = text.words, self.config.max_words
         if words.shape[1] != w:
             raise ConfigError(f"text features have {words.shape[1]} word positions but TC-MGC max_words is {w}; "
                               f"tokenize with context length {w}")
         if words.shape[-1] != self.width:
             raise ConfigError(f"text features have width {words.shape[-1]} but this TC-MGC model expects {self.width}")
+
+    def _text_side(self, text: TextFeatures, fast: bool = False) -> _TextSide:
+        """Probe vectors and LVA queries of a block of texts (+ the fast path's text cache)."""
+        self._check_text(text)
+        words = text.words
         sentence_n, words_n = F.normalize(text.sentence, dim=-1), F.normalize(words, dim=-1)
         global_probe = sentence_n if self.global_projection is None else sentence_n @ self.global_projection
         local_probes = words_n if self.local_projection is None else words_n @ self.local_projection
         probes = torch.cat([global_probe[:, None], words_n, sentence_n[:, None], local_probes], dim=1)
         queries = torch.cat([text.sentence[:, None], words], dim=1)
+        cache = tcmgc_fast.precompute_text(self.lva, queries, probes) if fast and self.lva is not None else None
         return _TextSide(queries=queries, probes=probes,
-                         word_valid=text.mask.bool() if self.config.text_mask else None)
+                         word_valid=text.mask.bool() if self.config.text_mask else None, fast_cache=cache)
 
     # pairwise scores ----------------------------------------------------------------------------
     def _pair_elements(self, frames: int, fast: bool) -> int:
@@ -435,7 +442,9 @@ class TCMGC(RetrievalModel):
             f = torch.einsum("tpd,vqd->tvpq", side.probes[:, frame_probes], video.frames)
             return v, f
         if fast:
-            text_cache = tcmgc_fast.precompute_text(self.lva, side.queries, side.probes)
+            text_cache = side.fast_cache
+            if text_cache is None:
+                text_cache = tcmgc_fast.precompute_text(self.lva, side.queries, side.probes)
             v, f = tcmgc_fast.probe_dots(self.lva, text_cache, video,
                                          [(video_probes, slice(0, 1)), (frame_probes, slice(1, w + 1))],
                                          use_frame_mask=self.config.frame_mask)
@@ -499,7 +508,7 @@ class TCMGC(RetrievalModel):
         `exact_fast=None` picks the fast path unless the LVA dropout is active (training).
         """
         budget = max_block_elements or self.config.max_block_elements
-        side = self._text_side(text)
+        self._check_text(text)
         fast = exact_fast if exact_fast is not None else not (self.lva is not None and self.lva.dropout_active)
         if self.lva is None or isinstance(video, LVAVideoCache):
             fast = True
@@ -509,11 +518,11 @@ class TCMGC(RetrievalModel):
             n_video, frames = video.keys.shape[0], video.keys.shape[1] // self.config.attention_heads
         else:
             n_video, frames = video.frames.shape[:2]
-        n_text = side.queries.shape[0]
+        n_text = text.sentence.shape[0]
         per_texts, per_videos = self.plan_blocks(n_text, n_video, frames, budget, fast)
         finals, parts = [], []
-        for t0 in range(0, n_text, per_texts):
-            block_side = tree_slice(side, t0, t0 + per_texts)
+        for t0 in range(0, n_text, per_texts):  # text-side tensors are built per block (memory)
+            block_side = self._text_side(tree_slice(text, t0, t0 + per_texts), fast)
             row = [self._score_block(block_side, tree_slice(video, v0, v0 + per_videos), fast)
                    for v0 in range(0, n_video, per_videos)]
             finals.append(torch.cat([r[0] for r in row], dim=1))
