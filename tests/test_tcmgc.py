@@ -493,3 +493,18 @@ def test_top_values_equals_topk_with_ties(k, dim):
     x = torch.randint(-3, 4, (3, 9, 8)).double()  # many exact ties
     x[0, 0, :3] = float("-inf")  # masked entries sort last
     assert torch.equal(top_values(x, k, dim), x.topk(k, dim=dim).values)
+
+
+def test_fast_path_gradients_equal_direct_gradients():
+    """The fast algebra is plain differentiable torch: with dropout off, training through it
+    gives the direct path's gradients."""
+    model = make_model(dropout=0.0).train()
+    text, frames = make_text(3, lengths=[8, 6, 4]), make_frames(3)
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        final, parts = model.pairwise(text, model.encode_video_features(frames), exact_fast=fast)
+        (symmetric_infonce(final) + parts.var(0).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-9, rtol=1e-7), name
