@@ -319,3 +319,25 @@ def test_parse_memory(text, expected):
 def test_parse_memory_rejects_nonsense():
     with pytest.raises(ConfigError, match="4G"):
         parse_memory("lots")
+
+
+def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
+    from vidseek.data.synth import SynthConfig
+    from vidseek.search.demo import demo_queries, run_demo, sample_clip_folder
+
+    settings = dict(serve=False, synth=SynthConfig(num_videos=30, seed=4, frames=8, size=32), max_steps=2,
+                    eval_every=2, batch_size=8, progress=False)
+    first = run_demo(tmp_path, **settings)
+    queries = demo_queries(tmp_path / "synth")
+    assert [(q, v) for q, v, _ in first.queries] == queries and len(queries) == 3
+    with Searcher(first.index_dir) as searcher:
+        for query, _, hits in first.queries:
+            again = searcher.search(query, k=5)
+            assert [h.video_id for h in hits] == [h.video_id for h in again]
+        if sample_clip_folder() is not None:  # bikes.mp4 is 10 s: windows (0,4) (3,7) (6,10)
+            assert [(e.start, e.end) for e in searcher.video_entries("bikes")] == [(0.0, 4.0), (3.0, 7.0), (6.0, 10.0)]
+    stamp = first.checkpoint.stat().st_mtime_ns
+    second = run_demo(tmp_path, **settings)
+    assert second.checkpoint == first.checkpoint and first.checkpoint.stat().st_mtime_ns == stamp  # not retrained
+    assert [[h.video_id for h in hits] for _, _, hits in second.queries] == \
+        [[h.video_id for h in hits] for _, _, hits in first.queries]

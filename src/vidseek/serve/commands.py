@@ -63,19 +63,20 @@ def index_cmd(
         typer.echo(f"  … and {len(summary.failures) - 20} more (see {out / 'index.json'})")
 
 
-def print_hits(hits: list, title: str) -> None:
-    """A rich table of hits: rank, video, window, final/recall/rerank scores."""
+def print_hits(hits: list, title: str, show_path: bool = True) -> None:
+    """A rich table of hits: rank, video, window, final/recall/rerank scores (and the file)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("#", "video", "window (s)", "score", "recall", "rerank", "file"):
+    columns = ["#", "video", "window (s)", "score", "recall", "rerank"] + (["file"] if show_path else [])
+    for column in columns:
         table.add_column(column, overflow="fold")
     for rank, hit in enumerate(hits, 1):
         end = "?" if hit.end is None else f"{hit.end:.1f}"
         rerank = "–" if hit.rerank_score is None else f"{hit.rerank_score:.4f}"
-        table.add_row(str(rank), hit.video_id, f"{hit.start:.1f}–{end}", f"{hit.score:.4f}",
-                      f"{hit.recall_score:.4f}", rerank, hit.path)
+        cells = [str(rank), hit.video_id, f"{hit.start:.1f}–{end}", f"{hit.score:.4f}", f"{hit.recall_score:.4f}", rerank]
+        table.add_row(*cells, *([hit.path] if show_path else []))
     Console().print(table)
 
 
