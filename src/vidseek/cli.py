@@ -167,9 +167,17 @@ def plot(
     run: Path = typer.Argument(..., help="Run folder with log.jsonl."),
     out: Path = typer.Option(Path("training_curve.png"), "--out"),
 ) -> None:
-    """Draw the training curve (loss and validation R@1) of a run to PNG."""
+    """Draw a run's training curve (loss, validation R@1) to PNG; GRDR runs get their
+    diagnostics (loss per phase, code drift, view collapse, codebook usage)."""
     from vidseek.eval.plots import plot_training_curve
+    from vidseek.train.checkpoint import read_checkpoint
 
+    if (run / "last.pt").exists() and read_checkpoint(run / "last.pt")["preset"].get("model") == "grdr":
+        from vidseek.eval.grdr_eval import plot_grdr_diagnostics
+
+        plot_grdr_diagnostics(run, out)
+        typer.echo(f"wrote {out}")
+        return
     log = run / "log.jsonl"
     if not log.exists():
         raise VidseekError(f"{log} not found: pass a run folder written by `vidseek train`")
