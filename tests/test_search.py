@@ -341,3 +341,22 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     assert second.checkpoint == first.checkpoint and first.checkpoint.stat().st_mtime_ns == stamp  # not retrained
     assert [[h.video_id for h in hits] for _, _, hits in second.queries] == \
         [[h.video_id for h in hits] for _, _, hits in first.queries]
+
+
+def test_tcmgc_reranker_scores_equal_its_own_pairwise_score(tmp_path, built):
+    """The cascade treats a rerank-only model generically: features → encode_video_features → score."""
+    import vidseek
+
+    tcmgc = save_random_checkpoint(tmp_path / "tcmgc.pt", "synth-tcmgc-tiny", seed=3)
+    with pytest.raises(ConfigError, match="reranker without a dense index vector"):
+        Indexer(tmp_path / "wrong", recall=str(tcmgc), progress=False)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for clip in built["clips"][:6]:
+        shutil.copy(clip, folder / clip.name)
+    build_index(folder, tmp_path / "index", recall=str(built["recall"]), rerank=str(tcmgc), workers=0, progress=False)
+    with Searcher(tmp_path / "index") as searcher:
+        hits = searcher.search(QUERY, k=6, recall_k=6)
+    direct = vidseek.load(tcmgc, device="cpu").score([QUERY], [h.path for h in hits])[0]
+    np.testing.assert_allclose([h.rerank_score for h in hits], direct, atol=2e-3)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
