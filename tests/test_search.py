@@ -323,10 +323,11 @@ def test_parse_memory_rejects_nonsense():
 
 def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     from vidseek.data.synth import SynthConfig
-    from vidseek.search.demo import demo_queries, run_demo, sample_clip_folder
+    from vidseek.search.demo import TrainingStage, demo_queries, run_demo, sample_clip_folder
 
-    settings = dict(serve=False, synth=SynthConfig(num_videos=30, seed=4, frames=8, size=32), max_steps=2,
-                    eval_every=2, batch_size=8, progress=False)
+    stages = (TrainingStage("synth-clip-tiny", 2, 8, 2), TrainingStage("synth-seqtransf-tiny", 2, 8, 2))
+    settings = dict(serve=False, synth=SynthConfig(num_videos=30, seed=4, frames=8, size=32), stages=stages,
+                    progress=False)
     first = run_demo(tmp_path, **settings)
     queries = demo_queries(tmp_path / "synth")
     assert [(q, v) for q, v, _ in first.queries] == queries and len(queries) == 3
@@ -338,6 +339,7 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
             assert [(e.start, e.end) for e in searcher.video_entries("bikes")] == [(0.0, 4.0), (3.0, 7.0), (6.0, 10.0)]
     stamp = first.checkpoint.stat().st_mtime_ns
     second = run_demo(tmp_path, **settings)
+    assert first.checkpoint.parent.name == "synth-seqtransf-tiny"
     assert second.checkpoint == first.checkpoint and first.checkpoint.stat().st_mtime_ns == stamp  # not retrained
     assert [[h.video_id for h in hits] for _, _, hits in second.queries] == \
         [[h.video_id for h in hits] for _, _, hits in first.queries]
