@@ -252,6 +252,7 @@ def plot_grdr_diagnostics(run_dir: str | Path, out_png: str | Path) -> None:
                  label="all views share the full ID")
     view_ax.plot(loops, [100 * d["same_code"][-1] for d in history.get("diversity", [])], marker="s",
                  label="all views share the newest code")
+    view_ax.set_xticks(loops)
     view_ax.set_xlabel("loop (ID length)")
     view_ax.set_ylabel("% of training videos")
     view_ax.set_ylim(0, 100)
@@ -260,6 +261,7 @@ def plot_grdr_diagnostics(run_dir: str | Path, out_png: str | Path) -> None:
     for entry in history.get("usage", []):
         usage_ax.plot(np.arange(1, len(entry["used_fraction"]) + 1), [100 * u for u in entry["used_fraction"]],
                       marker="o", label=f"after loop {entry['loop'] + 1}")
+    usage_ax.set_xticks(np.arange(1, len(history["usage"][-1]["used_fraction"]) + 1) if history.get("usage") else [])
     usage_ax.set_xlabel("level")
     usage_ax.set_ylabel("% of codes used")
     usage_ax.set_ylim(0, 105)
