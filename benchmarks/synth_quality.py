@@ -1,6 +1,6 @@
 """Quality on the synthetic benchmark: train every synth preset and print the README table.
 
-    python benchmarks/synth_quality.py --data data/synth --runs runs/synth [--only meanP,seqTransf]
+    python benchmarks/synth_quality.py --data data/synth --runs runs/synth [--only "meanP;seqTransf"]
 
 Chain (each step resumes/reuses a finished run in --runs):
   synth-clip-tiny (end-to-end, the 'pretrained CLIP')
@@ -98,9 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--runs", type=Path, required=True)
-    parser.add_argument("--only", default="", help="comma-separated row labels (plus the runs they start from)")
+    parser.add_argument("--only", default="", help="row labels separated by ; (plus the runs they start from)")
     args = parser.parse_args()
-    labels = with_dependencies([x.strip() for x in args.only.split(",") if x.strip()] or [c[0] for c in CHAIN])
+    labels = with_dependencies([x.strip() for x in args.only.split(";") if x.strip()] or [c[0] for c in CHAIN])
     rows = []
     for label in labels:
         seconds = train_one(label, args.data, args.runs)
