@@ -57,6 +57,22 @@ def test_unknown_model_config_key_is_rejected():
         split_model_config({"codebok_size": 8})
 
 
+def test_schedule_and_config_from_the_preset():
+    from vidseek.train.grdr_run import grdr_config_for, steps_per_phase
+
+    tiny = get_preset("synth-grdr-tiny")
+    assert steps_per_phase(tiny, 3, 2100) == 540 // 9
+    by_epochs = tiny.with_overrides(epochs=2, batch_size=64)
+    by_epochs.train.max_steps = None
+    assert steps_per_phase(by_epochs, 3, 130) == 2 * 3  # 2 passes × ceil(130 / 64) batches
+    paper = grdr_config_for(get_preset("msrvtt9k-grdr-b32"), 512)
+    assert (paper.embed_dim, paper.codebook_size, paper.lr, paper.grad_clip, paper.text_encoder) == (
+        512, 128, 1e-4, 1.0, "clip")
+    assert grdr_config_for(get_preset("didemo-grdr-b16"), 768).embed_dim == 768  # width follows the dense model
+    with pytest.raises(ConfigError, match="expects 64-d video vectors but the --init model gives 512-d"):
+        grdr_config_for(tiny, 512)
+
+
 def test_run_writes_vidseek_checkpoints_and_resumes(runs):
     from vidseek.train.checkpoint import read_checkpoint
 
