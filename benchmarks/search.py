@@ -26,7 +26,28 @@ machine the CPU figure is the stable one). Latencies are wall-clock: on a shared
 ratio is measured in the same run. Client threads share the server's process (and GIL), as a
 co-located client would.
 
-    .venv/bin/python benchmarks/search.py [--sizes 10000,100000,1000000] [--quick]
+Second table, the issue's target "HTTP p50 ≤ 1.2 × in-process p50 at 100k vectors", measured on
+the REAL search path, one row per `--search-sizes` entry:
+
+* in-process: `Searcher.search(text, k=10)` — text encoding with the recall model, dense recall
+  of recall_k = 100 entries, their rows from the entry table, one hit per video (no rerank: the
+  index has no reranker, see below);
+* HTTP: the same query strings as ``GET /search?q=…&k=10`` to `vidseek.serve.app.create_app`
+  (the app `vidseek serve` runs) under uvicorn, with 1 and 16 concurrent clients; the app is given
+  the very Searcher the in-process column uses, so both columns search the same loaded index
+  and the ratio is what the HTTP layer adds. Measured in interleaved rounds, like the first table.
+
+The index is built with the real pipeline: `vidseek.data.synth.generate` renders 24 clips of
+32 px, `synth-clip-tiny` trains for 2 steps (a working checkpoint; its accuracy is irrelevant to
+latency), `Indexer.add` extracts and indexes them. It is then grown to N entries the way
+`Indexer` adds entries (pending rows in the entry table → the recall backend's dense index
+`add` → save → mark ready → index.json): the extra entries are SYNTHETIC — L2-normalised vectors
+drawn like the first table's data, each its own video id ("<real id>~synthetic<n>") pointing at
+one of the 24 real files. Once past 50k entries the dense index retrains itself as IVF, exactly as
+a growing real index would. Rerank is left out because the synthetic entries have no frames for
+a reranker to read; query texts are the synthetic dataset's captions.
+
+    .venv/bin/python benchmarks/search.py [--sizes 10000,100000,1000000] [--search-sizes 100000] [--quick]
 """
 from __future__ import annotations
 
@@ -270,23 +291,186 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# The real search path: Searcher vs `vidseek serve` over a real index grown with synthetic entries
+# ------------------------------------------------------------------------------------------------
+SYNTHETIC_MARK = "~synthetic"
+
+
+def synthetic_entry_rows(real_entries: Sequence[Any], count: int) -> list[tuple[str, str, str, float, float | None]]:
+    """`count` entry-table rows (key, video_id, path, start, end) for synthetic entries: row n
+    points at the file and window of real entry n mod len(real_entries) under its own video id
+    ``"<real video id>~synthetic<n>"`` (= its key), so collapsing by video keeps each one."""
+    if not real_entries:
+        raise ValueError("synthetic entries need at least one real entry to point at")
+    rows = []
+    for n in range(count):
+        real = real_entries[n % len(real_entries)]
+        video_id = f"{real.video_id}{SYNTHETIC_MARK}{n}"
+        rows.append((video_id, video_id, real.path, float(real.start), real.end))
+    return rows
+
+
+def build_real_index(root: Path, clips: int = 24) -> tuple[Path, list[str]]:
+    """Render `clips` synthetic clips, train synth-clip-tiny for 2 steps, index them with `Indexer`;
+    returns the index folder and the dataset's captions (the query texts)."""
+    import json
+
+    from vidseek.data.synth import SynthConfig, generate
+    from vidseek.models.registry import get_preset
+    from vidseek.search.indexer import build_index
+    from vidseek.train.loop import train
+
+    data = root / "synth"
+    generate(data, SynthConfig(num_videos=clips, seed=0, frames=8, size=32), progress=False)
+    preset = get_preset("synth-clip-tiny").with_overrides(batch_size=8, max_steps=2, eval_every=2)
+    run = train(preset, data, root / "run", device="cpu", progress=False)
+    build_index(data, root / "index", recall=str(run.run_dir / "last.pt"), workers=0, progress=False)
+    records = [json.loads(line) for line in (data / "annotations.jsonl").read_text(encoding="utf-8").splitlines()]
+    return root / "index", [caption for record in records for caption in record["captions"]]
+
+
+def grow_index(index_dir: Path, total: int, seed: int, chunk: int = 50_000) -> None:
+    """Add synthetic entries until the index holds `total`, through the steps `Indexer` itself
+    takes for new entries (pending rows → dense index add → save → mark ready → index.json)."""
+    from vidseek.search.indexer import Indexer
+
+    with Indexer(index_dir, progress=False) as indexer:
+        real_count = indexer.entries.counts()["keys"]
+        real_entries = list(indexer.entries.get_many(range(1, real_count + 1)).values())  # a fresh index: ids 1..n
+        if len(real_entries) != real_count:
+            raise RuntimeError(f"expected entry ids 1..{real_count} in a fresh index, found {len(real_entries)}")
+        dense = indexer.recall.index
+        rng = np.random.default_rng(seed)
+        centres = cluster_centres(total, dense.dim, rng)
+        rows = synthetic_entry_rows(real_entries, total - real_count)
+        new_ids = []
+        for start in range(0, len(rows), chunk):
+            new_ids += indexer.entries.add_pending(rows[start:start + chunk])
+        # one add: the dense index retrains once, on all its vectors, as the type rule says
+        dense.add(np.asarray(new_ids, np.int64), clustered_unit_vectors(len(new_ids), centres, rng))
+        indexer.recall.save()
+        indexer.entries.mark_ready(new_ids)
+        indexer._write_meta()
+
+
+def bench_search_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
+    """In-process `Searcher.search` vs HTTP ``GET /search`` (1 and 16 clients) at `count` entries."""
+    from vidseek.search.searcher import Searcher
+    from vidseek.serve.app import create_app
+
+    root = Path(tempfile.mkdtemp(prefix="vidseek-bench-search-"))
+    try:
+        began, began_cpu = time.perf_counter(), time.process_time()
+        index_dir, captions = build_real_index(root)
+        real_s = time.perf_counter() - began
+        grow_index(index_dir, count, args.seed)
+        build_s, build_cpu_s = time.perf_counter() - began, time.process_time() - began_cpu
+        texts = [captions[n % len(captions)] for n in range(args.search_requests)]
+        with Searcher(index_dir) as searcher:
+            stats = searcher.stats()
+            row = _measure_search_latencies(searcher, create_app(index_dir, searcher=searcher), texts, args)
+        return row | {"count": stats["counts"]["keys"], "index_type": stats["index_type"],
+                      "real_build_s": real_s, "build_s": build_s, "build_cpu_s": build_cpu_s}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure_search_latencies(searcher: Any, app: Any, texts: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved rounds of in-process searches, HTTP with 1 client and HTTP with 16 clients."""
+    def in_process(batch: Sequence[str]) -> np.ndarray:
+        seconds = []
+        for text in batch:
+            began = time.perf_counter()
+            searcher.search(text, k=K)
+            seconds.append(time.perf_counter() - began)
+        return np.array(seconds)
+
+    requests = [HttpRequest("GET", "/search", params={"q": text, "k": K}) for text in texts]
+    samples: dict[str, list[np.ndarray]] = {"in": [], "http1": [], "http16": []}
+    with serve_in_background(app) as base_url:
+        in_process(texts[:5])
+        http_latencies(base_url, requests[:5], 1)
+        _check_same_results(searcher, base_url, texts[0])
+        for round_index in range(args.rounds):
+            samples["in"].append(in_process(texts[round_index::args.rounds]))
+            samples["http1"].append(http_latencies(base_url, requests[round_index::args.rounds], 1))
+            samples["http16"].append(http_latencies(base_url, requests[round_index::args.rounds], 16))
+    pooled = {name: p50_p99_ms(np.concatenate(parts)) for name, parts in samples.items()}
+    return {"in": pooled["in"], "http1": pooled["http1"], "http16": pooled["http16"],
+            "ratio": pooled["http1"][0] / pooled["in"][0], "requests": len(texts)}
+
+
+def _check_same_results(searcher: Any, base_url: str, text: str) -> None:
+    """Both columns must time the same work: K hits, the same videos in the same order."""
+    import httpx
+
+    local = [hit.video_id for hit in searcher.search(text, k=K)]
+    served = [hit["video_id"] for hit in httpx.get(f"{base_url}/search", params={"q": text, "k": K}).json()["results"]]
+    if len(local) != K or served != local:
+        raise RuntimeError(f"HTTP and in-process results differ for {text!r}: {served} vs {local}")
+
+
+def search_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| entries (24 real + synthetic) | index type | build s (CPU s) | requests per column | "
+        "in-process Searcher.search p50 / p99 ms | HTTP GET /search 1 client p50 / p99 ms | "
+        "HTTP 16 clients p50 / p99 ms | HTTP p50 (1 client) / in-process p50 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['count']:,} | {row['index_type']} | {row['build_s']:.0f} ({row['build_cpu_s']:.0f}) | "
+            f"{row['requests']} | {row['in'][0]:.2f} / {row['in'][1]:.2f} | "
+            f"{row['http1'][0]:.2f} / {row['http1'][1]:.2f} | {row['http16'][0]:.2f} / {row['http16'][1]:.2f} | "
+            f"{row['ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'10000, 100000' → [10000, 100000]; '' → [] (skip that table)."""
+    return [int(size) for size in text.split(",") if size.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated collection sizes")
-    parser.add_argument("--quick", action="store_true", help="10k only")
+    parser.add_argument("--sizes", default="10000,100000,1000000",
+                        help="comma-separated collection sizes for the dense-index table ('' skips it)")
+    parser.add_argument("--search-sizes", default="100000",
+                        help="comma-separated entry counts for the Searcher vs `vidseek serve` table ('' skips it)")
+    parser.add_argument("--quick", action="store_true", help="10k only, in both tables")
     parser.add_argument("--queries", type=int, default=200, help="queries for recall and in-process latency")
     parser.add_argument("--http-requests", type=int, default=192, help="requests per HTTP concurrency level")
+    parser.add_argument("--search-requests", type=int, default=192,
+                        help="queries per column of the Searcher vs `vidseek serve` table")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads for query encoding (1: a fair share of a small shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    sizes = [10_000] if args.quick else [int(size) for size in args.sizes.split(",") if size.strip()]
+    sizes = [10_000] if args.quick else parse_sizes(args.sizes)
+    search_sizes = [10_000] if args.quick else parse_sizes(args.search_sizes)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     rows = []
     for count in sizes:
         began = time.perf_counter()
         rows.append(bench_size(count, args))
         print(f"[{count:,} vectors done in {time.perf_counter() - began:.0f} s]", flush=True)
-    print()
-    print(markdown_table(rows))
+    search_rows = []
+    for count in search_sizes:
+        began = time.perf_counter()
+        search_rows.append(bench_search_size(count, args))
+        print(f"[search at {count:,} entries done in {time.perf_counter() - began:.0f} s; "
+              f"real 24-clip index built in {search_rows[-1]['real_build_s']:.0f} s]", flush=True)
+    if rows:
+        print()
+        print(markdown_table(rows))
+    if search_rows:
+        print()
+        print(search_markdown_table(search_rows))
 
 
 if __name__ == "__main__":
