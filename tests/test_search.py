@@ -362,3 +362,146 @@ def test_tcmgc_reranker_scores_equal_its_own_pairwise_score(tmp_path, built):
     direct = vidseek.load(tcmgc, device="cpu").score([QUERY], [h.path for h in hits])[0]
     np.testing.assert_allclose([h.rerank_score for h in hits], direct, atol=2e-3)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+# --- models that embed decoded frames (PIG "vip") ----------------------------------------------------
+
+VIP_QUERY = "a red circle moves left"
+
+
+@pytest.fixture(scope="module")
+def vip_checkpoint(tiny_synth, tmp_path_factory):
+    """PIG with the CLIP-ViP-style video ViT ("vip"), trained 2 steps end to end from frames."""
+    import dataclasses
+
+    from vidseek.models.registry import get_preset
+    from vidseek.train.loop import train
+
+    torch.set_num_threads(1)
+    base = get_preset("synth-pig-baseline-tiny")
+    preset = dataclasses.replace(base, name="synth-pig-vip-test", model_config={**base.model_config, "backbone": "vip"},
+                                 train=dataclasses.replace(base.train, mode="frames"))
+    run = tmp_path_factory.mktemp("vip") / "run"
+    train(preset.with_overrides(batch_size=8, max_steps=2, eval_every=100), tiny_synth, run, progress=False, device="cpu")
+    return run
+
+
+def direct_vip_vectors(model, windows: list[tuple[str, float | None, float | None]], frames: int) -> np.ndarray:
+    """Reference: `load_video_tensor` per window, one batch, encode_frames → encode_video_features → index_video."""
+    from vidseek.video import load_video_tensor
+
+    decoded = [load_video_tensor(path, frames, model.clip.image_size, start=start, end=end) for path, start, end in windows]
+    with torch.no_grad():
+        feats = model.encode_frames(torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded]))
+        return model.index_video(model.encode_video_features(feats)).numpy()
+
+
+def indexed_vectors(searcher: Searcher) -> dict[int, np.ndarray]:
+    """Every stored dense vector, read back through the public search API: the flat index
+    searched with the D unit vectors returns vector components as inner products."""
+    index = searcher.recall.index
+    dim = searcher.recall.query_vectors(["x"]).shape[1]
+    scores, ids = index.search(np.eye(dim, dtype=np.float32), len(index))
+    vectors: dict[int, np.ndarray] = {}
+    for axis in range(dim):
+        for i, s in zip(ids[axis], scores[axis]):
+            vectors.setdefault(int(i), np.zeros(dim, np.float32))[axis] = s
+    return vectors
+
+
+def test_vip_recall_and_rerank_index_from_decoded_windows(vip_checkpoint, tmp_path):
+    from vidseek.data.synth import SynthConfig, generate
+    from vidseek.store import FeatureStore
+    from vidseek.train.checkpoint import load_model
+
+    generate(tmp_path / "long", SynthConfig(num_videos=2, seed=2, frames=40, size=32, fps=8), progress=False)
+    index = tmp_path / "index"
+    summary = build_index(tmp_path / "long" / "videos", index, recall=str(vip_checkpoint), rerank=str(vip_checkpoint),
+                          segment_seconds=2.0, overlap_seconds=0.5, workers=0, progress=False, batch_size=4)
+    assert (summary.total_videos, summary.total_keys, summary.failed) == (2, 6, 0)
+    meta = json.loads((index / "index.json").read_text())
+    assert meta["stores"] == {"recall": RECALL_STORE_DIR, "rerank": None}  # the vip reranker decodes candidates
+    with FeatureStore(index / RECALL_STORE_DIR) as store:
+        assert store.frames == 1  # a catalog of windows, not the model's input
+    model, _ = load_model(vip_checkpoint, device="cpu")
+    model.eval()
+    with Searcher(index) as searcher:
+        entries = searcher.entries.get_many(range(1, 7))
+        assert sorted((e.start, e.end) for e in entries.values()) == [(0.0, 2.0), (0.0, 2.0), (1.5, 3.5), (1.5, 3.5),
+                                                                      (3.0, 5.0), (3.0, 5.0)]
+        ids = sorted(entries)
+        direct = direct_vip_vectors(model, [(entries[i].path, entries[i].start, entries[i].end) for i in ids], 8)
+        stored = indexed_vectors(searcher)
+        np.testing.assert_allclose(np.stack([stored[i] for i in ids]), direct, rtol=0, atol=1e-5)
+        hits = searcher.search(VIP_QUERY, k=2, recall_k=6)
+        query = searcher.recall.query_vectors([VIP_QUERY])[0]
+    # Same checkpoint for both stages: PIG's score is the index inner product, so the decoded-at-
+    # query-time rerank score equals the recall score of the video's best window.
+    best = {}
+    for i, score in zip(ids, direct @ query):
+        e = entries[i]
+        best[e.video_id] = max(best.get(e.video_id, (-np.inf,)), (float(score), e.start, e.end))
+    assert len(hits) == 2
+    for hit in hits:
+        assert (hit.rerank_score, hit.start, hit.end) == pytest.approx(best[hit.video_id], abs=1e-5)
+        assert hit.recall_score == pytest.approx(hit.rerank_score, abs=1e-5)
+
+
+def test_vip_index_of_whole_clips_records_decode_failures_and_retries(vip_checkpoint, tiny_synth, tmp_path,
+                                                                        monkeypatch):
+    import vidseek.video
+    from vidseek.errors import VideoDecodeError
+    from vidseek.train.checkpoint import load_model
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    clips = sorted((tiny_synth / "videos" / "all").glob("*.mp4"))[:3]
+    for clip in clips:
+        shutil.copy(clip, folder / clip.name)
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    flaky = str(folder / clips[1].name)
+    real_load = vidseek.video.load_video_tensor
+
+    def load_failing_once_for_the_model(path, num_frames, size, **kwargs):
+        if str(path) == flaky and num_frames == 8:  # extraction (1 frame) succeeds, the model's decode fails
+            raise VideoDecodeError(path, "simulated read error")
+        return real_load(path, num_frames, size, **kwargs)
+
+    monkeypatch.setattr(vidseek.video, "load_video_tensor", load_failing_once_for_the_model)
+    index = tmp_path / "index"
+    first = build_index(folder, index, recall=str(vip_checkpoint), workers=0, progress=False)
+    flaky_id = clips[1].stem  # a plain folder: the file stem is the video id
+    assert (first.added, first.total_keys, first.failed) == (2, 2, 2)
+    failed = dict(first.failures)
+    assert set(failed) == {"broken", flaky_id} and "simulated read error" in failed[flaky_id]
+    assert {f["key"] for f in json.loads((index / "index.json").read_text())["failures"]} == {"broken", flaky_id}
+    monkeypatch.setattr(vidseek.video, "load_video_tensor", real_load)
+    second = build_index(folder, index, recall=str(vip_checkpoint), workers=0, progress=False)
+    assert (second.added, second.total_keys) == (1, 3)
+    model, _ = load_model(vip_checkpoint, device="cpu")
+    model.eval()
+    with Searcher(index) as searcher:
+        entries = searcher.entries.get_many(range(1, 10))
+        assert sorted(e.video_id for e in entries.values()) == sorted(c.stem for c in clips)
+        ids = sorted(entries)
+        stored = indexed_vectors(searcher)
+    direct = direct_vip_vectors(model, [(entries[i].path, None, None) for i in ids], 8)
+    np.testing.assert_allclose(np.stack([stored[i] for i in ids]), direct, rtol=0, atol=1e-5)
+
+
+def test_vip_reranker_drops_candidates_whose_file_is_gone(vip_checkpoint, built, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for clip in built["clips"][:3]:
+        shutil.copy(clip, folder / clip.name)
+    index = tmp_path / "index"
+    build_index(folder, index, recall=str(built["recall"]), rerank=str(vip_checkpoint), workers=0, progress=False)
+    assert json.loads((index / "index.json").read_text())["stores"]["rerank"] is None
+    gone = built["clips"][0]
+    (folder / gone.name).unlink()
+    with Searcher(index) as searcher:
+        hits = searcher.search(QUERY, k=3, recall_k=3)
+        unranked = searcher.search(QUERY, k=3, recall_k=3, rerank=False)
+    assert {h.video_id for h in unranked} == {c.stem for c in built["clips"][:3]}
+    assert {h.video_id for h in hits} == {c.stem for c in built["clips"][1:3]}
+    assert all(h.rerank_score is not None for h in hits)

@@ -37,6 +37,7 @@ class GRDRRecallBackend:
         self.model = run.model
         self.dense = run.dense
         self.image_tower = run.dense.model.clip
+        self.video_model = run.dense.model  # embeds entries; decoded frames when it needs them
         self.frames = run.dense.frames
         self.needs_patches = bool(run.dense.model.needs_patches)
         self.state_dir = Path(state_dir)
@@ -60,7 +61,7 @@ class GRDRRecallBackend:
     def build(cls, checkpoint: str, state_dir: Path, options: Any, device: str,
               expected_sha256: str | None) -> "GRDRRecallBackend":
         """RecallBuilder: load the GRDR run (refusing a changed file when the index recorded it).
-        `options.beams`, when the options carry one, overrides the stored / preset beam width."""
+        `options.beams`, when set, overrides the stored / preset beam width."""
         from vidseek.search.indexer import file_sha256
         from vidseek.train.grdr_run import load_grdr_run
 
@@ -73,7 +74,7 @@ class GRDRRecallBackend:
                 raise SearchIndexError(f"GRDR checkpoint {path} changed since the index was built (sha256 differs); "
                                        "restore the original file or rebuild the index with `vidseek index`")
         run = load_grdr_run(path, device)
-        return cls(run, state_dir, beams=getattr(options, "beams", None),
+        return cls(run, state_dir, beams=options.beams,
                    sha256=expected_sha256 or file_sha256(run.checkpoint))
 
     # --- building -----------------------------------------------------------------------------

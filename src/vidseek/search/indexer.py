@@ -16,6 +16,17 @@ An index folder holds::
     recall/            the recall backend's state (dense: the saved DenseIndex)
     thumbnails/        poster JPEGs, cached by the server
 
+Models that embed decoded frames (`needs_video_frames`, e.g. PIG with the CLIP-ViP-style "vip"
+video ViT, METHODS.md "PIG") cannot start from stored per-frame features. For such a recall model
+the store is extracted with one frame per item: it then serves only as the catalog of items and
+windows (and of decoding failures); the vectors come from `decode_and_encode_frames` — each
+entry's window decoded with `load_video_tensor`, batched, `encode_frames` →
+`encode_video_features` → `index_video`. Such a reranker gets no store at all: the searcher
+decodes the recalled candidates at query time (`searcher.Reranker`), because its video
+representation (`encode_frames` output: frame CLS, global and selected patch tokens) is
+model-specific and several times larger than a frame-feature row; decoding `recall_k` clips per
+query is the price of keeping reranking exact without a second, model-specific store.
+
 Incremental: running `Indexer.add` again extracts only videos the stores lack and adds only keys
 the entry table lacks. Crash safety: new entries are written 'pending' first, then added to the
 recall backend and saved, then marked ready in one transaction; pending entries found on the next
@@ -33,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from vidseek.errors import CheckpointError, ConfigError, SearchIndexError
+from vidseek.errors import CheckpointError, ConfigError, SearchIndexError, VidseekError
 
 INDEX_FILE = "index.json"
 ENTRIES_FILE = "entries.sqlite"
@@ -212,6 +223,46 @@ def load_checkpoint_model(checkpoint: str | Path, device: str = "cpu", expected_
                        preset=preset.name, frames=int(preset.frames), words=int(preset.words))
 
 
+# --- models that embed decoded frames ------------------------------------------------------------
+
+def needs_video_frames(model: Any) -> bool:
+    """True for a model whose `encode_frames` must see decoded pixels (PIG "vip")."""
+    return bool(getattr(model, "needs_video_frames", False))
+
+
+def decode_and_encode_frames(model: Any, windows: Sequence[tuple[str, float | None, float | None]], frames: int,
+                             batch_size: int) -> tuple[list[tuple[list[int], Any]], list[tuple[int, str]]]:
+    """Decode each (path, start, end) window with `load_video_tensor` and run `model.encode_frames`
+    on batches of `batch_size` → ([(positions in `windows`, FrameFeatures of those)], [(position,
+    error)] for windows that could not be decoded — skipped, like extraction failures)."""
+    import torch
+
+    from vidseek.video import load_video_tensor
+
+    size = int(model.clip.image_size)
+    batches: list[tuple[list[int], Any]] = []
+    failures: list[tuple[int, str]] = []
+    for begin in range(0, len(windows), batch_size):
+        positions, pixels, masks = [], [], []
+        for position in range(begin, min(begin + batch_size, len(windows))):
+            path, start, end = windows[position]
+            try:
+                clip_pixels, mask, _ = load_video_tensor(path, frames, size, start=start, end=end)
+            except Exception as err:  # noqa: BLE001 - a per-file failure is recorded, not fatal
+                # vidseek's decode errors already name the file.
+                failures.append((position, str(err) if isinstance(err, VidseekError) else
+                                 f"cannot process video {path}: {type(err).__name__}: {err}"))
+                continue
+            positions.append(position)
+            pixels.append(clip_pixels)
+            masks.append(mask)
+        if positions:
+            with torch.no_grad():
+                feats = model.encode_frames(torch.stack(pixels).to(model.device), torch.stack(masks).to(model.device))
+            batches.append((positions, feats))
+    return batches, failures
+
+
 # --- index settings --------------------------------------------------------------------------------
 
 def read_index_json(index_dir: str | Path) -> dict[str, Any]:
@@ -268,7 +319,8 @@ class Indexer:
     def __init__(self, index_dir: str | Path, *, recall: str | None = None, rerank: str | None = None,
                  segment_seconds: float | None = None, overlap_seconds: float = 0.0, index_type: str = "auto",
                  backend: str = "faiss", milvus_uri: str | None = None, memory_budget_bytes: int = 4 << 30,
-                 device: str = "cpu", batch_size: int = 8, workers: int = 2, progress: bool = True):
+                 device: str = "cpu", batch_size: int = 8, workers: int = 2, progress: bool = True,
+                 beams: int | None = None):
         from vidseek.search.searcher import RecallOptions, open_recall, parse_recall_spec
 
         self.index_dir = Path(index_dir)
@@ -295,9 +347,11 @@ class Indexer:
             recall_checkpoint, recall_sha = existing["recall"]["checkpoint"], existing["recall"]["sha256"]
             self._check_same(existing, recall, rerank, segment_seconds, overlap_seconds)
         options = RecallOptions(index_type=index_type, backend=backend, milvus_uri=milvus_uri,
-                                memory_budget_bytes=memory_budget_bytes)
+                                memory_budget_bytes=memory_budget_bytes, beams=beams)
         self.recall = open_recall(backend_name, recall_checkpoint, self.index_dir / RECALL_STATE_DIR, options,
                                   device=device, expected_sha256=recall_sha)
+        # The recall model's video side (a GRDR run's dense model); decoded frames when it needs them.
+        self.recall_from_frames = needs_video_frames(getattr(self.recall, "video_model", None))
         self.reranker: LoadedModel | None = None
         if existing is not None and existing.get("rerank"):
             self.reranker = load_checkpoint_model(existing["rerank"]["checkpoint"], device,
@@ -331,13 +385,14 @@ class Indexer:
                                    f"{meta['overlap_seconds']} s overlap; keep those or use a new --out folder")
 
     def _rerank_store_dir(self) -> str | None:
-        """Share the recall store when the reranker would extract the very same features."""
-        if self.reranker is None:
+        """Share the recall store when the reranker would extract the very same features; none
+        for a reranker that embeds decoded frames (the searcher decodes its candidates)."""
+        if self.reranker is None or needs_video_frames(self.reranker.model):
             return None
         if self.meta.get("stores", {}).get("rerank"):
             return self.meta["stores"]["rerank"]
         shares = (self.reranker.frames == self.recall.frames and not self.reranker.model.needs_patches
-                  and not self.recall.needs_patches
+                  and not self.recall.needs_patches and not self.recall_from_frames
                   and image_tower_fingerprint(self.reranker.model) == self.recall.image_tower_fingerprint())
         return RECALL_STORE_DIR if shares else RERANK_STORE_DIR
 
@@ -353,15 +408,18 @@ class Indexer:
         segment, overlap = self.meta["segment_seconds"], self.meta["overlap_seconds"]
         common = dict(split=split, segment_seconds=segment, overlap_seconds=overlap, batch_size=self.batch_size,
                       workers=self.workers, progress=self.progress, device=self.device)
+        # A frames-embedding recall model reads pixels, not features: one frame per item keeps the catalog.
         summary = extract(source, self.recall.image_tower, self.index_dir / RECALL_STORE_DIR,
-                          frames=self.recall.frames, patches=self.recall.needs_patches, **common)
+                          frames=1 if self.recall_from_frames else self.recall.frames,
+                          patches=self.recall.needs_patches and not self.recall_from_frames, **common)
         failures = list(summary.failures)
-        if self.reranker is not None and self.rerank_store_dir != RECALL_STORE_DIR:
+        if self.reranker is not None and self.rerank_store_dir == RERANK_STORE_DIR:
             rerank_summary = extract(source, self.reranker.model.clip, self.index_dir / RERANK_STORE_DIR,
                                      frames=self.reranker.frames, patches=self.reranker.model.needs_patches, **common)
             known = {key for key, _ in failures}
             failures += [(k, e) for k, e in rerank_summary.failures if k not in known]
-        added = self._add_new_entries()
+        added, embed_failures = self._add_new_entries()
+        failures += embed_failures
         counts = self.entries.counts()
         self._write_meta()
         return IndexSummary(processed=summary.processed, skipped_existing=summary.skipped_existing,
@@ -377,12 +435,9 @@ class Indexer:
             rerank_store = FeatureStore(self.index_dir / self.rerank_store_dir)
         return recall_store, rerank_store
 
-    def _add_new_entries(self) -> int:
-        """Embed keys the stores hold but the entry table lacks, and make them searchable."""
-        import torch
-
-        from vidseek.models.base import FrameFeatures
-
+    def _add_new_entries(self) -> tuple[int, list[tuple[str, str]]]:
+        """Embed keys the stores hold but the entry table lacks, and make them searchable.
+        Returns (entries added, (key, error) of entries whose frames could not be decoded)."""
         recall_store, rerank_store = self._stores()
         try:
             pending = self.entries.pending()  # left by an interrupted run
@@ -390,8 +445,8 @@ class Indexer:
                 self.recall.remove(np.array([e.id for e in pending], dtype=np.int64))
             known = self.entries.keys()
             rerank_keys = None if rerank_store is None else set(rerank_store.keys())
-            new_rows = [r for r in recall_store.rows()
-                        if r.key not in known and (rerank_keys is None or r.key in rerank_keys)]
+            stored = recall_store.rows()
+            new_rows = [r for r in stored if r.key not in known and (rerank_keys is None or r.key in rerank_keys)]
             batches: list[list[tuple[int, str]]] = []
             if pending:
                 batches.append([(e.id, e.key) for e in pending])
@@ -400,23 +455,46 @@ class Indexer:
                 ids = self.entries.add_pending([(r.key, r.video_id, r.path, float(r.start or 0.0),
                                                  _end_of(r)) for r in chunk])
                 batches.append(list(zip(ids, [r.key for r in chunk])))
+            rows_by_key = {r.key: r for r in stored}
             added_ids: list[int] = []
+            failures: list[tuple[str, str]] = []
             for batch in batches:
-                ids = np.array([i for i, _ in batch], dtype=np.int64)
-                frames, masks = recall_store.frame_features([k for _, k in batch])
-                patches = recall_store.patch_features([k for _, k in batch]) if self.recall.needs_patches else None
-                feats = FrameFeatures(frames=torch.from_numpy(frames), mask=torch.from_numpy(masks),
-                                      patches=None if patches is None else torch.from_numpy(patches))
-                self.recall.add(ids, feats)
-                added_ids += ids.tolist()
+                if self.recall_from_frames:
+                    added_ids += self._add_from_frames(batch, rows_by_key, recall_store, failures)
+                else:
+                    ids = np.array([i for i, _ in batch], dtype=np.int64)
+                    self.recall.add(ids, stored_frame_features(recall_store, [k for _, k in batch],
+                                                               self.recall.needs_patches))
+                    added_ids += ids.tolist()
             if added_ids:
                 self.recall.save()
                 self.entries.mark_ready(added_ids)
-            return len(added_ids)
+            return len(added_ids), failures
         finally:
             recall_store.close()
             if rerank_store is not None:
                 rerank_store.close()
+
+    def _add_from_frames(self, batch: list[tuple[int, str]], rows_by_key: dict[str, Any], recall_store: Any,
+                         failures: list[tuple[str, str]]) -> list[int]:
+        """Recall vectors from decoded frames (each key's stored window, as extraction decoded it).
+        A window that no longer decodes leaves the entry table and is marked failed in the recall
+        store, so the next run retries it like any extraction failure."""
+        rows = [rows_by_key[key] for _, key in batch]
+        encoded, decode_failures = decode_and_encode_frames(
+            self.recall.video_model, [(r.path, r.start, r.end) for r in rows], self.recall.frames, self.batch_size)
+        added: list[int] = []
+        for positions, feats in encoded:
+            ids = np.array([batch[p][0] for p in positions], dtype=np.int64)
+            self.recall.add(ids, feats)
+            added += ids.tolist()
+        if decode_failures:
+            self.entries.delete(batch[p][0] for p, _ in decode_failures)
+            for position, error in decode_failures:
+                row = rows[position]
+                recall_store.catalog.mark_failed(row.key, row.video_id, row.path, error, start=row.start, end=row.end)
+                failures.append((row.key, error))
+        return added
 
     # --- removing ----------------------------------------------------------------------------
 
@@ -468,6 +546,18 @@ class Indexer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stored_frame_features(store: Any, keys: Sequence[str], patches: bool) -> Any:
+    """`FrameFeatures` of `keys` read from a FeatureStore (with patch tokens when `patches`)."""
+    import torch
+
+    from vidseek.models.base import FrameFeatures
+
+    frames, masks = store.frame_features(list(keys))
+    patch_features = store.patch_features(list(keys)) if patches else None
+    return FrameFeatures(frames=torch.from_numpy(frames), mask=torch.from_numpy(masks),
+                         patches=None if patch_features is None else torch.from_numpy(patch_features))
 
 
 def _end_of(row: Any) -> float | None:

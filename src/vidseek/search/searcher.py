@@ -8,6 +8,9 @@
 2. **Rerank** (optional): any `RetrievalModel`, treated generically — the candidates' frame
    features are read from the reranker's feature store → `FrameFeatures` →
    `encode_video_features` → `score(text, video)`. TC-MGC (rerank-only) or a two-tower both work.
+   A reranker that embeds decoded frames (`needs_video_frames`, PIG "vip") has no store: its
+   candidates' windows are decoded now (`indexer.decode_and_encode_frames`); a candidate whose
+   file no longer decodes is dropped from the results.
 3. **Collapse**: windows of one long video compete; each video keeps its best window (its start
    and end say where the match is), then videos are sorted by the final score.
 
@@ -29,7 +32,8 @@ import numpy as np
 
 from vidseek.errors import ConfigError, SearchIndexError
 from vidseek.search.indexer import (ENTRIES_FILE, INDEX_FILE, RECALL_STATE_DIR, Entry, EntryCatalog, LoadedModel,
-                                    image_tower_fingerprint, load_checkpoint_model, read_index_json)
+                                    decode_and_encode_frames, image_tower_fingerprint, load_checkpoint_model,
+                                    needs_video_frames, read_index_json, stored_frame_features)
 
 #: Longest accepted query, in characters (CLIP's text tower reads at most 77 tokens anyway; the
 #: limit keeps a request from making the tokenizer chew on megabytes).
@@ -53,12 +57,15 @@ class RecallBackend(Recall, Protocol):
     """A recall stage that can also be built: what `Indexer` needs besides `recall`.
 
     `image_tower` (a ClipBackbone), `frames` and `needs_patches` say how to extract the features
-    `add` consumes; `add` receives entry ids with their `FrameFeatures`; `save` persists the state
+    `add` consumes; `add` receives entry ids with their `FrameFeatures` — read from the store, or,
+    when `video_model` (the RetrievalModel that embeds videos) has `needs_video_frames`, its
+    `encode_frames` output on decoded frames; `save` persists the state
     under the folder the builder was given; `describe` goes into index.json under "recall" and must
     hold at least "backend", "checkpoint" and "sha256".
     """
 
     image_tower: Any
+    video_model: Any
     frames: int
     needs_patches: bool
 
@@ -79,6 +86,8 @@ class RecallOptions:
     backend: str = "faiss"  # dense index backend: "faiss" or "milvus"
     milvus_uri: str | None = None  # default for milvus: <index>/recall/milvus.db (milvus-lite)
     memory_budget_bytes: int = 4 << 30
+    # GRDR beam width at search time (and the default stored at index time); None: the index's own.
+    beams: int | None = None
 
 
 #: builder(checkpoint, state_dir, options, device, expected_sha256) -> RecallBackend.
@@ -157,8 +166,10 @@ class DenseRecall:
         if not loaded.model.supports_dense_recall:
             raise ConfigError(f"{loaded.checkpoint} holds a {loaded.model.name} model, a reranker without a dense "
                               f"index vector; pass it as --rerank and a two-tower checkpoint as --recall")
+        if options.beams is not None:
+            raise ConfigError("--beams applies to grdr: recall only; drop it for a dense recall index")
         self.loaded = loaded
-        self.model = loaded.model
+        self.model = self.video_model = loaded.model
         self.image_tower = loaded.model.clip
         self.frames = loaded.frames
         self.needs_patches = bool(loaded.model.needs_patches)
@@ -246,34 +257,43 @@ register_recall_backend(DEFAULT_RECALL_BACKEND, DenseRecall.build)
 # --- reranking -------------------------------------------------------------------------------------
 
 class Reranker:
-    """Pairwise rescoring of candidates with any RetrievalModel, from its own feature store."""
+    """Pairwise rescoring of candidates with any RetrievalModel: from its own feature store, or,
+    for a model that embeds decoded frames (`store` None), from the candidates' decoded windows."""
 
-    def __init__(self, loaded: LoadedModel, store: Any):
+    def __init__(self, loaded: LoadedModel, store: Any | None):
         self.loaded = loaded
         self.model = loaded.model
         self.store = store
+        if store is None and not needs_video_frames(self.model):
+            raise SearchIndexError(f"the index has no feature store for reranker {loaded.checkpoint}; "
+                                   f"rebuild the index with `vidseek index`")
 
     def encode_texts(self, texts: Sequence[str]) -> Any:
         return encode_queries(self.model, texts, self.loaded.words)
 
-    def score(self, text: Any, keys: Sequence[str]) -> np.ndarray:
-        """Scores [len(keys)] of ONE query's TextFeatures (batch of 1) against the keys' videos."""
+    def _scores(self, text: Any, feats: Any) -> np.ndarray:
         import torch
 
-        from vidseek.models.base import FrameFeatures
+        from vidseek.models.base import tree_to
 
-        scores = []
-        for begin in range(0, len(keys), RERANK_BLOCK):
-            block = list(keys[begin:begin + RERANK_BLOCK])
-            frames, masks = self.store.frame_features(block)
-            patches = self.store.patch_features(block) if self.model.needs_patches else None
-            device = self.model.device
-            feats = FrameFeatures(frames=torch.from_numpy(frames).to(device), mask=torch.from_numpy(masks).to(device),
-                                  patches=None if patches is None else torch.from_numpy(patches).to(device))
-            with torch.no_grad():
-                video = self.model.encode_video_features(feats)
-                scores.append(self.model.score(text, video)[0].float().cpu().numpy())
-        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        with torch.no_grad():
+            video = self.model.encode_video_features(tree_to(feats, self.model.device))
+            return self.model.score(text, video)[0].float().cpu().numpy()
+
+    def score(self, text: Any, entries: Sequence[Entry]) -> np.ndarray:
+        """Scores [len(entries)] of ONE query's TextFeatures (batch of 1) against the entries'
+        videos; NaN for an entry whose window could not be decoded (frames-embedding models)."""
+        if needs_video_frames(self.model):
+            scores = np.full(len(entries), np.nan, dtype=np.float32)
+            encoded, _ = decode_and_encode_frames(self.model, [(e.path, e.start, e.end) for e in entries],
+                                                  self.loaded.frames, RERANK_BLOCK)
+            for positions, feats in encoded:
+                scores[positions] = self._scores(text, feats)
+            return scores
+        blocks = [self._scores(text, stored_frame_features(self.store, [e.key for e in entries[b:b + RERANK_BLOCK]],
+                                                           bool(self.model.needs_patches)))
+                  for b in range(0, len(entries), RERANK_BLOCK)]
+        return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 # --- search ----------------------------------------------------------------------------------------
@@ -325,10 +345,12 @@ class Searcher:
     >>> s = Searcher("my-index"); s.search("a red circle moves left", k=5)
     """
 
-    def __init__(self, index_dir: str | Path, device: str = "cpu"):
+    def __init__(self, index_dir: str | Path, device: str = "cpu", beams: int | None = None):
+        """`beams`: GRDR beam width for this searcher (more beams, more candidates); grdr: recall only."""
         self.index_dir = Path(index_dir)
         self.meta = read_index_json(self.index_dir)
         self.device = device
+        self.beams = beams
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._stats_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidseek-search")
@@ -346,13 +368,14 @@ class Searcher:
         self.entries = EntryCatalog(entries_path)
         recall_meta = self.meta["recall"]
         self.recall: RecallBackend = open_recall(recall_meta["backend"], recall_meta["checkpoint"],
-                                                 self.index_dir / RECALL_STATE_DIR, RecallOptions(),
+                                                 self.index_dir / RECALL_STATE_DIR, RecallOptions(beams=self.beams),
                                                  device=self.device, expected_sha256=recall_meta["sha256"])
         self.reranker: Reranker | None = None
         if self.meta.get("rerank"):
             rerank_meta = self.meta["rerank"]
             loaded = load_checkpoint_model(rerank_meta["checkpoint"], self.device, expected_sha256=rerank_meta["sha256"])
-            self.reranker = Reranker(loaded, FeatureStore(self.index_dir / self.meta["stores"]["rerank"]))
+            store_dir = self.meta["stores"]["rerank"]
+            self.reranker = Reranker(loaded, None if store_dir is None else FeatureStore(self.index_dir / store_dir))
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -387,8 +410,8 @@ class Searcher:
             if reranker is not None and pairs:
                 from vidseek.models.base import tree_slice
 
-                rerank_scores = reranker.score(tree_slice(text, q, q + 1), [e.key for e, _ in pairs])
-                candidates = [(e, s, float(r)) for (e, s), r in zip(pairs, rerank_scores)]
+                rerank_scores = reranker.score(tree_slice(text, q, q + 1), [e for e, _ in pairs])
+                candidates = [(e, s, float(r)) for (e, s), r in zip(pairs, rerank_scores) if not np.isnan(r)]
             else:
                 candidates = [(e, s, None) for e, s in pairs]
             results.append(collapse_by_video(candidates, k))
@@ -423,7 +446,7 @@ class Searcher:
     def close(self) -> None:
         def shut() -> None:
             self.entries.close()
-            if self.reranker is not None:
+            if self.reranker is not None and self.reranker.store is not None:
                 self.reranker.store.close()
 
         if hasattr(self, "entries"):

@@ -14,6 +14,10 @@ import typer
 from vidseek.errors import ConfigError
 
 
+BEAMS_HELP = ("GRDR beam width (grdr: recall only): more beams recall more candidates, slower; "
+              "default: the index's own, else the preset's full-corpus width.")
+
+
 def index_cmd(
     items: Optional[List[str]] = typer.Argument(None, help="A folder of videos, a dataset folder or a .jsonl file "
                                                             "(with --remove: the video ids to delete)."),
@@ -30,6 +34,7 @@ def index_cmd(
     milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="Milvus server URI or milvus-lite file "
                                                                          "(default <out>/recall/milvus.db)."),
     memory_budget: str = typer.Option("4G", "--memory-budget", help="RAM the dense index may use (chooses PQ above it)."),
+    beams: Optional[int] = typer.Option(None, "--beams", help=BEAMS_HELP + " Stored as the index's default."),
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
     device: str = typer.Option("cpu", "--device"),
@@ -43,7 +48,7 @@ def index_cmd(
     if remove:
         if not items:
             raise ConfigError("--remove needs the video ids to delete, e.g. `vidseek index --out IDX --remove cat/clip1`")
-        with Indexer(out, recall=recall, rerank=rerank, device=device, progress=False) as indexer:
+        with Indexer(out, recall=recall, rerank=rerank, device=device, progress=False, beams=beams) as indexer:
             removed = indexer.remove(items)
         typer.echo(f"removed {removed} entries of {len(items)} video id(s) from {out}")
         return
@@ -52,7 +57,7 @@ def index_cmd(
     with Indexer(out, recall=recall, rerank=rerank, segment_seconds=segment_seconds, overlap_seconds=overlap,
                  index_type=index_type, backend=backend, milvus_uri=milvus_uri,
                  memory_budget_bytes=parse_memory(memory_budget), device=device, batch_size=batch_size,
-                 workers=workers) as indexer:
+                 workers=workers, beams=beams) as indexer:
         summary = indexer.add(items[0], split=split)
     typer.echo(f"indexed {summary.added} new entries ({summary.processed} extracted, {summary.skipped_existing} "
                f"already stored, {summary.failed} failed); index now holds {summary.total_videos} videos / "
@@ -87,12 +92,13 @@ def search_cmd(
     recall_k: int = typer.Option(100, "--recall-k", help="Candidates passed from recall to the reranker."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Recall scores only."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    beams: Optional[int] = typer.Option(None, "--beams", help=BEAMS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Search an index from the command line."""
     from vidseek.search.searcher import Searcher
 
-    with Searcher(index, device=device) as searcher:
+    with Searcher(index, device=device, beams=beams) as searcher:
         hits = searcher.search(text, k=k, recall_k=recall_k, rerank=not no_rerank)
     if json_out:
         typer.echo(json.dumps({"query": text, "results": [h.to_dict() for h in hits]}, indent=2))
