@@ -35,7 +35,9 @@ the REAL search path, one row per `--search-sizes` entry:
 * HTTP: the same query strings as ``GET /search?q=…&k=10`` to `vidseek.serve.app.create_app`
   (the app `vidseek serve` runs) under uvicorn, with 1 and 16 concurrent clients; the app is given
   the very Searcher the in-process column uses, so both columns search the same loaded index
-  and the ratio is what the HTTP layer adds. Measured in interleaved rounds, like the first table.
+  and the ratio is what the HTTP layer adds (the last column: the same in milliseconds). Measured
+  in `--search-rounds` short interleaved rounds, so load drift on a shared machine hits all three
+  columns alike; query encoding runs with `--torch-threads` (default 1) intra-op threads.
 
 The index is built with the real pipeline: `vidseek.data.synth.generate` renders 24 clips of
 32 px, `synth-clip-tiny` trains for 2 steps (a working checkpoint; its accuracy is irrelevant to
@@ -45,7 +47,10 @@ latency), `Indexer.add` extracts and indexes them. It is then grown to N entries
 drawn like the first table's data, each its own video id ("<real id>~synthetic<n>") pointing at
 one of the 24 real files. Once past 50k entries the dense index retrains itself as IVF, exactly as
 a growing real index would. Rerank is left out because the synthetic entries have no frames for
-a reranker to read; query texts are the synthetic dataset's captions.
+a reranker to read; query texts are the synthetic dataset's captions. The vectors have the tiny
+model's width (64-d) and its text tower is tiny, so the in-process time is small and the ratio
+here is a pessimistic bound: the HTTP overhead (last column) is a per-request cost that does not
+grow with the model, while a ViT-B/32 text tower and 512-d vectors make the search itself dearer.
 
     .venv/bin/python benchmarks/search.py [--sizes 10000,100000,1000000] [--search-sizes 100000] [--quick]
 """
@@ -369,8 +374,10 @@ def bench_search_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
         texts = [captions[n % len(captions)] for n in range(args.search_requests)]
         with Searcher(index_dir) as searcher:
             stats = searcher.stats()
+            dense = searcher.recall.index
             row = _measure_search_latencies(searcher, create_app(index_dir, searcher=searcher), texts, args)
-        return row | {"count": stats["counts"]["keys"], "index_type": stats["index_type"],
+        return row | {"count": stats["counts"]["keys"], "index_type": stats["index_type"], "dim": dense.dim,
+                      "nprobe": dense.search_effort,
                       "real_build_s": real_s, "build_s": build_s, "build_cpu_s": build_cpu_s}
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -392,10 +399,11 @@ def _measure_search_latencies(searcher: Any, app: Any, texts: Sequence[str], arg
         in_process(texts[:5])
         http_latencies(base_url, requests[:5], 1)
         _check_same_results(searcher, base_url, texts[0])
-        for round_index in range(args.rounds):
-            samples["in"].append(in_process(texts[round_index::args.rounds]))
-            samples["http1"].append(http_latencies(base_url, requests[round_index::args.rounds], 1))
-            samples["http16"].append(http_latencies(base_url, requests[round_index::args.rounds], 16))
+        rounds = args.search_rounds
+        for round_index in range(rounds):
+            samples["in"].append(in_process(texts[round_index::rounds]))
+            samples["http1"].append(http_latencies(base_url, requests[round_index::rounds], 1))
+            samples["http16"].append(http_latencies(base_url, requests[round_index::rounds], 16))
     pooled = {name: p50_p99_ms(np.concatenate(parts)) for name, parts in samples.items()}
     return {"in": pooled["in"], "http1": pooled["http1"], "http16": pooled["http16"],
             "ratio": pooled["http1"][0] / pooled["in"][0], "requests": len(texts)}
@@ -413,17 +421,18 @@ def _check_same_results(searcher: Any, base_url: str, text: str) -> None:
 
 def search_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| entries (24 real + synthetic) | index type | build s (CPU s) | requests per column | "
+        "| entries (24 real + synthetic) | dim | index type | nprobe | build s (CPU s) | requests per column | "
         "in-process Searcher.search p50 / p99 ms | HTTP GET /search 1 client p50 / p99 ms | "
-        "HTTP 16 clients p50 / p99 ms | HTTP p50 (1 client) / in-process p50 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "HTTP 16 clients p50 / p99 ms | HTTP p50 (1 client) / in-process p50 | HTTP p50 − in-process p50 ms |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['count']:,} | {row['index_type']} | {row['build_s']:.0f} ({row['build_cpu_s']:.0f}) | "
+            f"| {row['count']:,} | {row['dim']} | {row['index_type']} | {row['nprobe'] or '—'} | "
+            f"{row['build_s']:.0f} ({row['build_cpu_s']:.0f}) | "
             f"{row['requests']} | {row['in'][0]:.2f} / {row['in'][1]:.2f} | "
             f"{row['http1'][0]:.2f} / {row['http1'][1]:.2f} | {row['http16'][0]:.2f} / {row['http16'][1]:.2f} | "
-            f"{row['ratio']:.2f}× |"
+            f"{row['ratio']:.2f}× | {row['http1'][0] - row['in'][0]:.2f} |"
         )
     return "\n".join(lines)
 
@@ -442,9 +451,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="10k only, in both tables")
     parser.add_argument("--queries", type=int, default=200, help="queries for recall and in-process latency")
     parser.add_argument("--http-requests", type=int, default=192, help="requests per HTTP concurrency level")
-    parser.add_argument("--search-requests", type=int, default=192,
+    parser.add_argument("--search-requests", type=int, default=480,
                         help="queries per column of the Searcher vs `vidseek serve` table")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds")
+    parser.add_argument("--search-rounds", type=int, default=10,
+                        help="interleaved rounds of the Searcher vs `vidseek serve` table (short rounds: load drift hits all columns)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads for query encoding (1: a fair share of a small shared machine)")
     parser.add_argument("--seed", type=int, default=0)
