@@ -505,3 +505,61 @@ def test_vip_reranker_drops_candidates_whose_file_is_gone(vip_checkpoint, built,
     assert {h.video_id for h in unranked} == {c.stem for c in built["clips"][:3]}
     assert {h.video_id for h in hits} == {c.stem for c in built["clips"][1:3]}
     assert all(h.rerank_score is not None for h in hits)
+
+
+# --- GRDR beams at search time ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grdr_index(tiny_synth, tmp_path_factory):
+    """A GRDR index (as in test_grdr_run.py: a 2-step dense run, GRDR trained on its vectors)."""
+    from vidseek.models.registry import get_preset
+    from vidseek.train.loop import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("grdr_search")
+    train(get_preset("synth-meanp-tiny").with_overrides(batch_size=8, max_steps=2, eval_every=100), tiny_synth,
+          root / "dense", progress=False, device="cpu")
+    train(get_preset("synth-grdr-tiny").with_overrides(batch_size=8, max_steps=9), tiny_synth, root / "grdr",
+          init_from=str(root / "dense"), progress=False, device="cpu")
+    build_index(tiny_synth / "annotations.jsonl", root / "index", recall=f"grdr:{root / 'grdr'}", split="test",
+                workers=0, progress=False)
+    return root / "index"
+
+
+def test_grdr_beams_at_search_time(grdr_index):
+    from typer.testing import CliRunner
+
+    from vidseek.cli import cli
+
+    with Searcher(grdr_index) as searcher:
+        assert searcher.recall.beams == 20  # the width stored at index time
+    recalled = {}
+    for beams in (1, 100):
+        with Searcher(grdr_index, beams=beams) as searcher:
+            assert searcher.recall.beams == beams
+            recalled[beams] = searcher.recall.recall([VIP_QUERY], 1000)[0]
+            hits = searcher.search(VIP_QUERY, k=1000, recall_k=1000)
+            entries = searcher.entries.get_many([i for i, _ in recalled[beams]])
+        assert {h.video_id for h in hits} == {e.video_id for e in entries.values()}
+    assert 0 < len(recalled[1]) < len(recalled[100])
+    result = CliRunner().invoke(cli, ["search", str(grdr_index), VIP_QUERY, "-k", "1000", "--json", "--beams", "1"])
+    assert result.exit_code == 0, result.output
+    with Searcher(grdr_index, beams=1) as searcher:
+        expected = [h.to_dict() for h in searcher.search(VIP_QUERY, k=1000)]
+    assert json.loads(result.output)["results"] == expected
+
+
+def test_beams_are_rejected_for_dense_recall(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from vidseek.cli import cli
+
+    with pytest.raises(ConfigError, match="--beams applies to grdr: recall only"):
+        Searcher(built["index"], beams=4)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["search", str(built["index"]), QUERY, "--beams", "4"])
+    assert isinstance(result.exception, ConfigError) and "--beams applies to grdr: recall only" in str(result.exception)
+    result = runner.invoke(cli, ["index", str(built["folder"]), "--recall", str(built["recall"]),
+                                 "--out", str(tmp_path / "index"), "--beams", "4", "--workers", "0"])
+    assert isinstance(result.exception, ConfigError) and "--beams applies to grdr: recall only" in str(result.exception)
+    assert "--beams" in runner.invoke(cli, ["search", "--help"]).output

@@ -80,7 +80,8 @@ class RecallBackend(Recall, Protocol):
 
 @dataclass
 class RecallOptions:
-    """Settings for a NEW recall index (an existing one keeps what it was built with)."""
+    """Settings for a NEW recall index (an existing one keeps what it was built with), except
+    `beams`, which a GRDR index takes at every open (search time included)."""
 
     index_type: str = "auto"
     backend: str = "faiss"  # dense index backend: "faiss" or "milvus"
