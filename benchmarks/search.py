@@ -40,19 +40,26 @@ the REAL search path, one row per `--search-sizes` entry:
   columns alike; query encoding runs with `--torch-threads` (default 1) intra-op threads.
 
 The index is built with the real pipeline: `vidseek.data.synth.generate` renders 24 clips of
-32 px, `synth-clip-tiny` trains for 2 steps (a working checkpoint; its accuracy is irrelevant to
-latency), `Indexer.add` extracts and indexes them. It is then grown to N entries the way
+32 px and `Indexer.add` extracts and indexes them with the `--search-model` recall checkpoint:
+
+* ``b32`` (default): the product's backbone, the two-tower ViT-B/32 CLIP of `msrvtt9k-meanp-b32`
+  (512-d) with 4 frames per clip, at RANDOM init saved as a vidseek checkpoint: no weights can be
+  downloaded here, and random weights cost exactly the compute of trained ones (a ViT-B/32 text
+  tower per query), which is all a latency table needs;
+* ``tiny``: `synth-clip-tiny` (64-d) trained for 2 steps; its text tower is tiny, so the search is
+  cheap and the HTTP/in-process ratio a pessimistic bound (the HTTP overhead is a fixed
+  per-request cost that does not grow with the model).
+
+The table states the model and the vector width. The index is then grown to N entries the way
 `Indexer` adds entries (pending rows in the entry table → the recall backend's dense index
 `add` → save → mark ready → index.json): the extra entries are SYNTHETIC — L2-normalised vectors
-drawn like the first table's data, each its own video id ("<real id>~synthetic<n>") pointing at
-one of the 24 real files. Once past 50k entries the dense index retrains itself as IVF, exactly as
-a growing real index would. Rerank is left out because the synthetic entries have no frames for
-a reranker to read; query texts are the synthetic dataset's captions. The vectors have the tiny
-model's width (64-d) and its text tower is tiny, so the in-process time is small and the ratio
-here is a pessimistic bound: the HTTP overhead (last column) is a per-request cost that does not
-grow with the model, while a ViT-B/32 text tower and 512-d vectors make the search itself dearer.
+of the model's width drawn like the first table's data, each its own video id
+("<real id>~synthetic<n>") pointing at one of the 24 real files. Once past 50k entries the dense
+index retrains itself as IVF, exactly as a growing real index would. Rerank is left out because
+the synthetic entries have no frames for a reranker to read; query texts are the synthetic
+dataset's captions.
 
-    .venv/bin/python benchmarks/search.py [--sizes 10000,100000,1000000] [--search-sizes 100000] [--quick]
+    .venv/bin/python benchmarks/search.py [--sizes 10000,100000,1000000] [--search-sizes 100000] [--search-model b32|tiny] [--quick]
 """
 from __future__ import annotations
 
@@ -316,21 +323,51 @@ def synthetic_entry_rows(real_entries: Sequence[Any], count: int) -> list[tuple[
     return rows
 
 
-def build_real_index(root: Path, clips: int = 24) -> tuple[Path, list[str]]:
-    """Render `clips` synthetic clips, train synth-clip-tiny for 2 steps, index them with `Indexer`;
-    returns the index folder and the dataset's captions (the query texts)."""
+SEARCH_MODELS = ("tiny", "b32")
+B32_PRESET = "msrvtt9k-meanp-b32"
+SEARCH_MODEL_LABELS = {"tiny": "synth-clip-tiny", "b32": f"ViT-B/32 two-tower ({B32_PRESET}, random init)"}
+B32_FRAMES = 4  # fewer frames than the paper's 12: keeps indexing the 24 real clips cheap, query cost unchanged
+
+
+def recall_checkpoint(search_model: str, data: Path, root: Path) -> Path:
+    """The recall checkpoint the real index is built with.
+
+    * ``"tiny"``: synth-clip-tiny (64-d) trained for 2 steps on `data`;
+    * ``"b32"``: the two-tower ViT-B/32 CLIP of `msrvtt9k-meanp-b32` (512-d, the product's
+      backbone) at RANDOM init with `B32_FRAMES` frames, saved as a vidseek checkpoint — no
+      weights can be downloaded here, and random weights cost the same compute as trained ones.
+    """
+    import dataclasses
+
+    from vidseek.models.registry import create_model, get_preset
+    from vidseek.train.checkpoint import load_model, save_checkpoint
+    from vidseek.train.loop import train
+
+    if search_model == "tiny":
+        preset = get_preset("synth-clip-tiny").with_overrides(batch_size=8, max_steps=2, eval_every=2)
+        return train(preset, data, root / "run", device="cpu", progress=False).run_dir / "last.pt"
+    if search_model == "b32":
+        preset = dataclasses.replace(get_preset(B32_PRESET), frames=B32_FRAMES)
+        path = root / "b32-random-init.pt"
+        save_checkpoint(path, model=create_model(preset), preset=preset.to_dict(), step=0, epoch=0, batch_in_epoch=0)
+        load_model(path)  # fails loudly here if the checkpoint does not round-trip
+        return path
+    raise ValueError(f"unknown search model {search_model!r}: choose one of {', '.join(SEARCH_MODELS)}")
+
+
+def build_real_index(root: Path, search_model: str = "b32", clips: int = 24) -> tuple[Path, list[str]]:
+    """Render `clips` synthetic clips, index them with `Indexer` under the `search_model` recall
+    checkpoint (see `recall_checkpoint`); returns the index folder and the dataset's captions (the
+    query texts)."""
     import json
 
     from vidseek.data.synth import SynthConfig, generate
-    from vidseek.models.registry import get_preset
     from vidseek.search.indexer import build_index
-    from vidseek.train.loop import train
 
     data = root / "synth"
     generate(data, SynthConfig(num_videos=clips, seed=0, frames=8, size=32), progress=False)
-    preset = get_preset("synth-clip-tiny").with_overrides(batch_size=8, max_steps=2, eval_every=2)
-    run = train(preset, data, root / "run", device="cpu", progress=False)
-    build_index(data, root / "index", recall=str(run.run_dir / "last.pt"), workers=0, progress=False)
+    checkpoint = recall_checkpoint(search_model, data, root)
+    build_index(data, root / "index", recall=str(checkpoint), workers=0, progress=False)
     records = [json.loads(line) for line in (data / "annotations.jsonl").read_text(encoding="utf-8").splitlines()]
     return root / "index", [caption for record in records for caption in record["captions"]]
 
@@ -367,7 +404,7 @@ def bench_search_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="vidseek-bench-search-"))
     try:
         began, began_cpu = time.perf_counter(), time.process_time()
-        index_dir, captions = build_real_index(root)
+        index_dir, captions = build_real_index(root, args.search_model)
         real_s = time.perf_counter() - began
         grow_index(index_dir, count, args.seed)
         build_s, build_cpu_s = time.perf_counter() - began, time.process_time() - began_cpu
@@ -377,6 +414,7 @@ def bench_search_size(count: int, args: argparse.Namespace) -> dict[str, Any]:
             dense = searcher.recall.index
             row = _measure_search_latencies(searcher, create_app(index_dir, searcher=searcher), texts, args)
         return row | {"count": stats["counts"]["keys"], "index_type": stats["index_type"], "dim": dense.dim,
+                      "model": args.search_model,
                       "nprobe": dense.search_effort,
                       "real_build_s": real_s, "build_s": build_s, "build_cpu_s": build_cpu_s}
     finally:
@@ -421,14 +459,14 @@ def _check_same_results(searcher: Any, base_url: str, text: str) -> None:
 
 def search_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| entries (24 real + synthetic) | dim | index type | nprobe | build s (CPU s) | requests per column | "
+        "| entries (24 real + synthetic) | recall model | dim | index type | nprobe | build s (CPU s) | requests per column | "
         "in-process Searcher.search p50 / p99 ms | HTTP GET /search 1 client p50 / p99 ms | "
         "HTTP 16 clients p50 / p99 ms | HTTP p50 (1 client) / in-process p50 | HTTP p50 − in-process p50 ms |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['count']:,} | {row['dim']} | {row['index_type']} | {row['nprobe'] or '—'} | "
+            f"| {row['count']:,} | {SEARCH_MODEL_LABELS[row['model']]} | {row['dim']} | {row['index_type']} | {row['nprobe'] or '—'} | "
             f"{row['build_s']:.0f} ({row['build_cpu_s']:.0f}) | "
             f"{row['requests']} | {row['in'][0]:.2f} / {row['in'][1]:.2f} | "
             f"{row['http1'][0]:.2f} / {row['http1'][1]:.2f} | {row['http16'][0]:.2f} / {row['http16'][1]:.2f} | "
@@ -456,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds")
     parser.add_argument("--search-rounds", type=int, default=10,
                         help="interleaved rounds of the Searcher vs `vidseek serve` table (short rounds: load drift hits all columns)")
+    parser.add_argument("--search-model", choices=SEARCH_MODELS, default="b32",
+                        help="recall model of the Searcher vs `vidseek serve` table: b32 = random-init ViT-B/32 "
+                             "two-tower (the product's cost), tiny = synth-clip-tiny")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads for query encoding (1: a fair share of a small shared machine)")
     parser.add_argument("--seed", type=int, default=0)
