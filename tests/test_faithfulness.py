@@ -118,3 +118,101 @@ def test_synth_pig_presets_use_the_release_backbone():
     assert len(synth) == 3
     for preset in synth:
         assert preset.model_config["backbone"] == "frames", preset.name
+
+
+# --- the temporal encoder starts from the text tower (fix 1) -------------------------------------
+
+def _write_clip_weights(path, name: str, logit_scale: float, context_length: int = 77) -> None:
+    """A random CLIP of architecture `name` saved as an open_clip-format state dict (OpenAI's
+    keys), with a recognisable logit scale."""
+    torch.manual_seed(123)
+    clip = build_clip(name, context_length=context_length)
+    with torch.no_grad():
+        for p in clip.model.parameters():
+            p.normal_(std=0.05)
+        clip.model.logit_scale.fill_(torch.tensor(logit_scale).log())
+    torch.save(clip.model.state_dict(), path)
+
+
+def _temporal_equals_text(temporal, text_model, layers: int) -> bool:
+    pairs = [("ln_1", "ln_1"), ("attn", "attn"), ("ln_2", "ln_2"), ("mlp.0", "mlp.c_fc"), ("mlp.2", "mlp.c_proj")]
+    for block, text_block in zip(list(temporal.blocks)[:layers], list(text_model.transformer.resblocks)[:layers]):
+        for ours, theirs in pairs:
+            a, b = block.get_submodule(ours).state_dict(), text_block.get_submodule(theirs).state_dict()
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("model_kind,model_config", [
+    ("twotower", {"pooling": "seqTransf", "temporal_layers": 4}),
+    ("tcmgc", {"max_words": 32, "max_frames": 8, "temporal_layers": 4}),
+])
+def test_temporal_encoder_starts_from_the_clip_text_tower(square_clip, tmp_path, model_kind, model_config):
+    from vidseek.models.registry import Preset, create_model
+
+    weights = tmp_path / "clip.pt"
+    _write_clip_weights(weights, square_clip, logit_scale=42.0)
+    preset = Preset(name="t", description="", model=model_kind, clip=square_clip, frames=8, words=WORDS,
+                    model_config=model_config)
+    loaded = create_model(preset, weights=str(weights))
+    text = loaded.clip.model
+    # the text tower has 3 blocks: temporal blocks 0-2 are copies, block 3 keeps its random init
+    assert _temporal_equals_text(loaded.temporal, text, 3)
+    assert not torch.equal(loaded.temporal.blocks[3].attn.in_proj_weight, text.transformer.resblocks[2].attn.in_proj_weight)
+    # the first min(max_frames, the preset's 32 words) rows: 32 for the two-tower, 8 for TC-MGC
+    rows = min(loaded.temporal.frame_position.num_embeddings, text.positional_embedding.shape[0])
+    assert torch.equal(loaded.temporal.frame_position.weight[:rows], text.positional_embedding[:rows])
+    assert loaded.logit_scale().item() == pytest.approx(42.0, rel=1e-5)  # the checkpoint's own (fix 2)
+
+    torch.manual_seed(0)
+    fresh = create_model(preset)  # random init: nothing copied
+    assert not _temporal_equals_text(fresh.temporal, fresh.clip.model, 1)
+    assert not torch.equal(fresh.temporal.frame_position.weight[:rows], fresh.clip.model.positional_embedding[:rows])
+    assert fresh.logit_scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_temporal_encoder_keeps_random_init_when_the_text_width_differs(tmp_path):
+    from vidseek.models.registry import create_model, get_preset
+
+    weights = tmp_path / "tiny.pt"
+    _write_clip_weights(weights, "tiny", logit_scale=50.0, context_length=WORDS)
+    preset = get_preset("synth-seqtransf-tiny")  # tiny: text width 96, joint width 64
+    with pytest.warns(UserWarning, match="cannot start from the CLIP text tower"):
+        model = create_model(preset, weights=str(weights))
+    assert model.logit_scale().item() == pytest.approx(50.0, rel=1e-5)
+
+
+# --- initial temperatures, every preset (fix 2) --------------------------------------------------
+
+def _release_initial_scale(preset, checkpoint_scale: float | None) -> float:
+    """The release value: PIG exp(4.60) always; CLIP4Clip / TC-MGC the checkpoint's logit scale
+    (1/0.07 from random init) unless the preset names one."""
+    import math
+
+    if preset.model == "pig":
+        return math.exp(4.60)
+    if preset.model_config.get("logit_scale_init") is not None:
+        return preset.model_config["logit_scale_init"]
+    return checkpoint_scale if checkpoint_scale is not None else 1 / 0.07
+
+
+def test_every_preset_starts_at_its_release_temperature(square_clip, tmp_path):
+    import dataclasses
+
+    from vidseek.models.registry import MODEL_BUILDERS, create_model, list_presets
+
+    weights = tmp_path / "clip.pt"
+    _write_clip_weights(weights, square_clip, logit_scale=100.0)
+    checked = set()
+    for preset in list_presets():
+        if preset.model not in MODEL_BUILDERS:  # GRDR: its own clamped scale (models/grdr.py), no CLIP one
+            continue
+        # Same model settings on a tiny CLIP, so walking ~80 presets stays cheap.
+        small = dataclasses.replace(preset, clip=square_clip, words=min(preset.words, 77))
+        for path, expected_from_ckpt in ((None, None), (str(weights), 100.0)):
+            model = create_model(small, weights=path)
+            expected = _release_initial_scale(preset, expected_from_ckpt)
+            assert model.logit_scale().item() == pytest.approx(expected, rel=1e-5), (preset.name, path)
+        checked.add(preset.model)
+    assert checked == {"twotower", "tcmgc", "pig"}
