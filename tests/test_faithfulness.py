@@ -353,3 +353,34 @@ def test_every_preset_field_is_read_or_refused_for_every_model_kind(tmp_path):
             if field.name in METADATA_FIELDS or field.name == "train":
                 continue
             assert field.name in preset_read, f"{kind} training never reads preset.{field.name}"
+
+
+def test_grdr_kmeans_clusters_unnormalised_prefix_centred_residuals_per_caption(monkeypatch):
+    """Release `encode_epoch`: one point per training caption (its video's residual under its
+    routed view), not L2-normalised, shifted by (global mean − its earlier-code group's mean)."""
+    import numpy as np
+
+    from vidseek.models.grdr import GRDR, GRDRConfig
+    from vidseek.train import grdr_train
+
+    torch.manual_seed(0)
+    model = GRDR(GRDRConfig(embed_dim=8, num_views=2, levels=2, codebook_size=2, decoder_layers=1, decoder_heads=2,
+                            text_width=16, text_layers=1, text_heads=2, context_length=12)).eval()
+    feats = torch.randn(3, 8) * 5
+    sample_video, sample_view = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0])
+    stored = np.full((3, 2, 2), -1)
+    stored[:, :, 0] = [[0, 1], [1, 1], [0, 0]]  # level-0 codes per (video, view)
+    seen = {}
+    monkeypatch.setattr(grdr_train, "kmeans", lambda points, k, iters, gen: seen.setdefault("points", points)[:k])
+    grdr_train._init_codebook(model, feats, 1, torch.Generator().manual_seed(0), sample_video, sample_view, stored)
+    with torch.no_grad():
+        tok = model.tokenizer
+        latents = tok.latents(feats)
+        residual = latents - tok.codebooks[0][tok.quantize_level(latents, 0).codes]
+    raw = residual[sample_video, sample_view]  # prefixes of the 4 captions: 0, 1, 1, 0
+    groups = [[0, 3], [1, 2]]
+    expected = raw.clone()
+    for g in groups:
+        expected[g] = raw[g] - raw[g].mean(0) + raw.mean(0)
+    torch.testing.assert_close(seen["points"], expected)
+    assert not torch.allclose(seen["points"].norm(dim=-1), torch.ones(4))  # not normalised

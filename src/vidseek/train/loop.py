@@ -71,8 +71,6 @@ def train_step(model: RetrievalModel, tokens: torch.Tensor, frames: RawFrames | 
     return out
 
 
-# --- data ------------------------------------------------------------------------------------
-
 # --- the loop --------------------------------------------------------------------------------
 
 def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | None = None, features: str | None = None,
