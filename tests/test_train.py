@@ -68,7 +68,9 @@ def test_gradient_caching_equals_full_batch_gradients():
 
 def test_epoch_batches_deterministic_and_groups_together():
     groups = ["g0", "g0", "g1", "g1", "g2", "g3", "g3", "g4"]
-    batches = EpochBatches(list(range(8)), batch_size=4, seed=7, groups=groups)
+    from vidseek.data.hard_negatives import group_partners
+
+    batches = EpochBatches(list(range(8)), batch_size=4, seed=7, partners=group_partners(groups))
     first = batches.for_epoch(0)
     assert first == batches.for_epoch(0)
     assert first != batches.for_epoch(1) or first != batches.for_epoch(2)

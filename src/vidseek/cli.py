@@ -88,6 +88,8 @@ def train(
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Gradient caching chunk."),
     lr: Optional[float] = typer.Option(None, "--lr"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    hard_negatives: Optional[str] = typer.Option(None, "--hard-negatives", help="Partners kept in one batch: none, "
+                                                 "groups (dataset metadata) or mined (from the captions)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Train a preset; the best checkpoint is chosen on the validation split."""
@@ -97,7 +99,8 @@ def train(
     if not data.exists():
         raise VidseekError(f"data folder {data} does not exist: pass --data pointing at a dataset (or run `vidseek synth --out {data}`)")
     p = get_preset(preset).with_overrides(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                                          micro_batch_size=micro_batch_size, lr=lr, seed=seed)
+                                          micro_batch_size=micro_batch_size, lr=lr, seed=seed,
+                                          hard_negatives=hard_negatives)
     result = run_train(p, data, out, weights=str(weights) if weights else None,
                        features=str(features) if features else None, resume=resume,
                        init_from=str(init) if init else None, device=device)

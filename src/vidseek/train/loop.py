@@ -158,8 +158,13 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
     global_batch = cfg.batch_size
     if global_batch % dist.world_size:
         raise ConfigError(f"batch size {global_batch} is not divisible by {dist.world_size} processes")
-    groups = [str(r.meta.get("group", r.video_id)) for r in train_ds.records] if cfg.hard_negatives else None
-    batches = EpochBatches(train_src.usable, global_batch, cfg.seed, groups)
+    from vidseek.data.hard_negatives import partners_for
+
+    partners = partners_for(train_ds.records, cfg.hard_negatives)
+    if dist.is_main and partners is not None:
+        with_partner = sum(bool(p) for p in partners)
+        print(f"hard negatives ({cfg.hard_negatives}): {with_partner} of {len(partners)} training clips have a partner")
+    batches = EpochBatches(train_src.usable, global_batch, cfg.seed, partners)
     steps_per_epoch = len(batches.for_epoch(0))
     if steps_per_epoch == 0:
         raise DatasetError(f"{len(train_src.usable)} usable training videos in {data}: fewer than one batch of {global_batch}")
