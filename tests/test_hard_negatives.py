@@ -157,3 +157,20 @@ def test_mined_hard_negatives_train_on_a_generic_jsonl(tiny_synth, tmp_path, cap
     assert result.step == 2
     with_partner = sum(bool(p) for p in mined)
     assert f"hard negatives (mined): {with_partner} of {len(mined)} training clips have a partner" in capsys.readouterr().out
+
+    # Evaluation on the stripped data mines its pairs: the order pairs are exactly the planted ones,
+    # so the order-pair accuracy equals the one computed from the original metadata.
+    from vidseek.eval.runner import evaluate_model
+    from vidseek.train.checkpoint import load_model
+    from vidseek.train.loop import load_split, video_source
+
+    model, _ = load_model(tmp_path / "run")
+    reports = {}
+    for name, root in (("mined", stripped), ("metadata", tiny_synth)):
+        test = load_split(preset, root, "test")
+        out: dict = {}
+        reports[name] = evaluate_model(model, test, video_source(preset, test, tmp_path / "run", None, model, False),
+                                       preset.words, outcomes_out=out)
+        assert out["hardneg_source"] == name
+    assert reports["mined"]["hardneg.order.pairs"] == reports["metadata"]["hardneg.order.pairs"] > 0
+    assert reports["mined"]["hardneg.order.acc"] == reports["metadata"]["hardneg.order.acc"]

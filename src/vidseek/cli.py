@@ -158,6 +158,8 @@ def eval_cmd(
     extra = {k: v for k, v in metrics.items() if k.startswith("hardneg.")}
     for key, value in extra.items():
         typer.echo(f"{key}: {value:.1f}")
+    if extra and per_query["hardneg_source"] == "mined":
+        typer.echo("(hard-negative pairs mined from the captions: the data has no partner metadata)")
     from vidseek.eval.bootstrap import metric_intervals
     from vidseek.eval.report import REPORT_NAME, format_intervals
 
@@ -167,7 +169,8 @@ def eval_cmd(
     settings = {"preset": p.name, "checkpoint": payload["path"], "step": payload["step"], "split": split,
                 "frames": p.frames, "fps": None, "words": p.words, "batch": p.train.batch_size, "precision": "fp32",
                 "sampling": "uniform", "post_processing": "DSL row separate" if dsl else "none",
-                "selected_on": payload.get("best", {}).get("metric", "val")}
+                "selected_on": payload.get("best", {}).get("metric", "val"),
+                "hard_negative_pairs": per_query["hardneg_source"]}
     # A run folder keeps its report, so `vidseek compare runA runB` can pair them query by query.
     json_out = json_out or (checkpoint / REPORT_NAME.format(split=split) if checkpoint.is_dir() else None)
     if json_out:

@@ -36,6 +36,7 @@ __all__ = [
     "Partner",
     "group_partners",
     "mine_caption_partners",
+    "partner_links",
     "partners_for",
     "words_of",
 ]
@@ -187,3 +188,11 @@ def partners_for(records: Sequence[Any], source: str, **mine_options: Any) -> li
 def _group_of(meta: Mapping[str, Any]) -> str | None:
     group = meta.get("group")
     return None if group is None else str(group)
+
+
+def partner_links(records: Sequence[Any]) -> list[list[dict[str, str]]]:
+    """Mined partners of `records` as the synthetic benchmark's metadata links
+    (``[{"video_id": ..., "kind": "order" | "attribute"}, ...]`` per record), so evaluation can
+    report hard-negative pair accuracy on data that carries no partner metadata."""
+    mined = mine_caption_partners([r.captions for r in records])
+    return [[{"video_id": records[p.index].video_id, "kind": p.kind} for p in ps] for ps in mined]

@@ -8,6 +8,8 @@ Videos that could not be decoded are excluded from the gallery and counted in th
 On the synthetic benchmark, the hard-negative subset is reported separately: for every query
 whose video has an order-swapped (or one-attribute-changed) partner, the share of queries that
 score their own video strictly above the partner (`hardneg.order.acc`, `hardneg.attribute.acc`).
+Data without partner metadata gets the same metrics over partners mined from its captions
+(`vidseek.data.hard_negatives`), so validation can see order there too.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
 
     `ranks_out`, if given, receives the per-query T2V ranks under "t2v" (for recall curves);
     `outcomes_out` receives the per-query `QueryOutcomes` under "outcomes" (for bootstrap CIs
-    and `vidseek compare`)."""
+    and `vidseek compare`) and where the hard-negative pairs came from under "hardneg_source"
+    ("metadata" or "mined")."""
     from vidseek.eval.metrics import dual_softmax, retrieval_report
 
     model.eval()
@@ -121,6 +124,12 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
             ranks_out["t2v"] = t2v_ranks
     report["num_videos_failed"] = float(len(dataset.records) - len(usable))
     meta = [dataset.records[i].meta for i in usable]
+    hardneg_source = "metadata"
+    if not any(m.get("hard_negatives") for m in meta):
+        from vidseek.data.hard_negatives import partner_links
+
+        meta = [{"hard_negatives": links} for links in partner_links([dataset.records[i] for i in usable])]
+        hardneg_source = "mined"
     usable_ids = [dataset.records[i].video_id for i in usable]
     pairs = hard_negative_pairs(sim, query_video, usable_ids, meta)
     report.update(_pair_metrics(pairs, sim, query_video))
@@ -129,6 +138,7 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
 
         outcomes_out["outcomes"] = QueryOutcomes.from_texts(
             [t for t, _ in queries], [usable_ids[v] for v in query_video], t2v_ranks, pairs)
+        outcomes_out["hardneg_source"] = hardneg_source
     if dsl:
         for key, value in retrieval_report(dual_softmax(sim), query_video).items():
             report[f"dsl.{key}"] = value
