@@ -130,32 +130,37 @@ def mine_caption_partners(captions: Sequence[Sequence[str]], *, max_partners: in
                     support[(min(a, b), max(a, b), "order")] += 1
 
     if "attribute" in kinds:
-        # (length, position, other words) → [(clip, word at position)]
-        by_masked: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+        # "words before␟words after" (one slot masked; a string, so its hash is cached) → [(clip, word)]
+        by_masked: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for clip, sequences in enumerate(tokenised):
             for sequence in set(sequences):
-                for position, word in enumerate(sequence):
+                text = " ".join(sequence)
+                start = 0
+                for word in sequence:
+                    end = start + len(word)
                     if word not in STOPWORDS:
-                        by_masked[(sequence[:position], sequence[position + 1:])].append((clip, word))
-        synonyms: set[tuple[str, str]] = set()
-        for entries in by_masked.values():  # words that fill one slot within ONE clip's captions
-            words_by_clip: dict[int, set[str]] = defaultdict(set)
-            for clip, word in entries:
-                words_by_clip[clip].add(word)
+                        by_masked[text[:start] + "\x1f" + text[end:]].append((clip, word))
+                    start = end + 1
+        buckets: list[dict[int, set[str]]] = []  # per shared context: clip → words filling the slot
+        for entries in by_masked.values():
+            if len(entries) > 1:
+                words_by_clip: dict[int, set[str]] = defaultdict(set)
+                for clip, word in entries:
+                    words_by_clip[clip].add(word)
+                buckets.append(words_by_clip)
+        del by_masked
+        synonyms: set[tuple[str, str]] = set()  # words that fill one slot within ONE clip's captions
+        for words_by_clip in buckets:
             for words in words_by_clip.values():
                 if len(words) > 1:
                     synonyms.update((u, v) for u in words for v in words if u != v)
-        for entries in by_masked.values():
-            if len(entries) < 2:
+        for words_by_clip in buckets:
+            if len(words_by_clip) < 2:
                 continue
-            words_by_clip = defaultdict(set)
-            for clip, word in entries:
-                words_by_clip[clip].add(word)
             for a, b in _bucket_pairs(list(words_by_clip), max_bucket, rng):
-                differing = [(u, v) for u in words_by_clip[a] for v in words_by_clip[b]
-                             if u != v and (u, v) not in synonyms]
-                shared = words_by_clip[a] & words_by_clip[b]
-                if differing and not shared:  # a shared word here means the captions are identical
+                if words_by_clip[a] & words_by_clip[b]:
+                    continue  # a shared word here means the two clips have an identical caption
+                if any((u, v) not in synonyms for u in words_by_clip[a] for v in words_by_clip[b]):
                     support[(min(a, b), max(a, b), "attribute")] += 1
 
     ranked: list[dict[int, tuple[int, str]]] = [dict() for _ in captions]
