@@ -170,3 +170,16 @@ def test_every_preset_builds_and_computes_a_loss():
         out = train_step(model, tokens, frames, None, DistInfo())
         assert torch.isfinite(out.loss.detach()), preset.name
     assert len(seen) >= 2
+
+
+def test_selection_value_sums_parts_and_skips_absent_hard_negative_accuracies():
+    from vidseek.train.loop import selection_value
+
+    metrics = {"val.t2v.R@1": 30.0, "val.hardneg.order.acc": 80.0, "val.hardneg.attribute.acc": 90.0}
+    assert selection_value(metrics, "val.t2v.R@1") == 30.0
+    assert selection_value(metrics, "val.t2v.R@1+val.hardneg.order.acc+val.hardneg.attribute.acc") == 200.0
+    # Data without partner metadata reports no hard-negative accuracies: those parts drop out.
+    assert selection_value({"val.t2v.R@1": 30.0}, "val.t2v.R@1+val.hardneg.order.acc") == 30.0
+    assert selection_value({}, "val.t2v.R@1") is None  # non-main ranks validate nothing
+    with pytest.raises(ConfigError, match="val.t2v.R@2"):
+        selection_value(metrics, "val.t2v.R@2+val.hardneg.order.acc")

@@ -19,7 +19,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, help="vidseek: tex
 @cli.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to write the synthetic benchmark into."),
-    videos: int = typer.Option(600, "--videos", help="Number of clips (train/val/test together)."),
+    videos: int = typer.Option(2000, "--videos", help="Number of clips (train/val/test together)."),
     seed: int = typer.Option(0, "--seed"),
     frames: int = typer.Option(16, "--frames", help="Frames per clip."),
     size: int = typer.Option(64, "--size", help="Frame side in pixels."),
