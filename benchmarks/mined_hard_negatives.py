@@ -7,8 +7,8 @@
    only `video`, `captions` and `split` per clip (no ids, no groups, no partner links).
 2. Trains the preset on it twice per seed, `--hard-negatives none` and `--hard-negatives mined`
    (same steps, same seed; validation sees caption-mined pairs in both, since the data has none).
-3. Evaluates both on the ORIGINAL test split, whose planted order/attribute twins are the ground
-   truth, and prints mean [95% bootstrap CI over queries] per source and the paired Δ mined − none.
+3. Evaluates both on the test split with the ORIGINAL planted order/attribute twins as the ground
+   truth (not the mined ones), and prints mean [95% bootstrap CI over queries] per source and the paired Δ mined − none.
 Also prints how many of the planted twins of the training split the caption miner recovered.
 """
 from __future__ import annotations
@@ -35,6 +35,18 @@ def strip_metadata(data: Path, out: Path) -> Path:
         json.dumps({"video": str((source.parent / r["video"]).absolute()), "captions": r["captions"],
                     "split": r["split"]}) + "\n" for r in rows))
     return out
+
+
+def with_planted_pairs(generic, original):
+    """The generic test split (ids = video paths, so the run's features apply) carrying the
+    original split's planted twins as partner metadata: the ground truth for the pair accuracies."""
+    import dataclasses
+
+    path_of = {r.video_id: str(r.path) for r in original.records}
+    links = {str(r.path): [{**link, "video_id": path_of[link["video_id"]]} for link in r.meta.get("hard_negatives", [])
+                           if link["video_id"] in path_of] for r in original.records}
+    records = [dataclasses.replace(r, meta={"hard_negatives": links[str(r.path)]}) for r in generic.records]
+    return dataclasses.replace(generic, records=records)
 
 
 def miner_recovery(data: Path) -> str:
@@ -88,8 +100,8 @@ def main() -> None:
                       resume=(out / "last.pt").exists(), progress=False)
             seconds = time.perf_counter() - t0
             model, payload = load_model(out)
-            test = load_split(preset, args.data, "test")  # the original split: planted twins are the truth
-            source_videos = video_source(preset, test, out / "eval-original", None, model, False)
+            test = with_planted_pairs(load_split(preset, generic, "test"), load_split(preset, args.data, "test"))
+            source_videos = video_source(preset, test, out, None, model, False)
             per_query: dict = {}
             metrics = evaluate_model(model, test, source_videos, preset.words, outcomes_out=per_query)
             outcomes[source].append(per_query["outcomes"])
