@@ -81,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vidseek.eval.bootstrap import compare_runs, summarize_runs
+    from vidseek.eval.report import ci_cells
     from vidseek.eval.runner import evaluate_model
     from vidseek.models.registry import get_preset
     from vidseek.train.checkpoint import load_model
@@ -118,14 +119,11 @@ def main() -> None:
     print("| hard negatives | " + " | ".join(h for h, _ in METRICS) + " | runs |")
     print("|---|" + "---|" * (len(METRICS) + 1))
     for source in sources:
-        s = summarize_runs(outcomes[source])
-        cells = [f"{s[k]['mean']:.1f} [{s[k]['low']:.1f}, {s[k]['high']:.1f}]" if k in s else "-" for _, k in METRICS]
+        cells = ci_cells(summarize_runs(outcomes[source]), [k for _, k in METRICS])
         print(f"| {source} | " + " | ".join(cells) + f" | {'; '.join(details[source])} |")
     for baseline in [b for b in ("groups", "none") if b in outcomes]:
-        deltas = compare_runs(outcomes["mined"], outcomes[baseline])
-        print(f"| Δ mined − {baseline} (paired) | " + " | ".join(
-            f"{deltas[k]['delta']:+.1f} [{deltas[k]['low']:+.1f}, {deltas[k]['high']:+.1f}]" if k in deltas else "-"
-            for _, k in METRICS) + " | |")
+        cells = ci_cells(compare_runs(outcomes["mined"], outcomes[baseline]), [k for _, k in METRICS])
+        print(f"| Δ mined − {baseline} (paired) | " + " | ".join(cells) + " | |")
 
 
 def _unfinished(run: Path, preset) -> bool:

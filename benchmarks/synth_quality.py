@@ -141,6 +141,7 @@ SEEDED_METRICS = [("T2V R@1", "t2v.R@1"), ("R@5", "t2v.R@5"), ("R@10", "t2v.R@10
 def print_seeded_table(labels: list[str], data: Path, runs: Path, seeds: int) -> None:
     """Train/evaluate every row for `seeds` training seeds; print mean [95% CI] and paired Δs."""
     from vidseek.eval.bootstrap import compare_runs, summarize_runs
+    from vidseek.eval.report import ci_cells
 
     if seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {seeds}")
@@ -158,18 +159,14 @@ def print_seeded_table(labels: list[str], data: Path, runs: Path, seeds: int) ->
     print("| model | " + " | ".join(h for h, _ in SEEDED_METRICS) + " | train s, all seeds (0 = reused) |")
     print("|---|" + "---|" * (len(SEEDED_METRICS) + 1))
     for label in labels:
-        summary = summarize_runs(outcomes[label])
-        cells = [f"{summary[k]['mean']:.1f} [{summary[k]['low']:.1f}, {summary[k]['high']:.1f}]" if k in summary else "-"
-                 for _, k in SEEDED_METRICS]
+        cells = ci_cells(summarize_runs(outcomes[label]), [k for _, k in SEEDED_METRICS])
         print(f"| {label} | " + " | ".join(cells) + f" | {seconds[label]:.0f} |")
     pairs = [(a, b) for a, b in COMPARISONS if a in outcomes and b in outcomes]
     if pairs:
         print("\n| method vs baseline | Δ T2V R@1 [95% CI] | Δ order-pair acc [95% CI] |")
         print("|---|---|---|")
     for a, b in pairs:
-        deltas = compare_runs(outcomes[a], outcomes[b])
-        cells = [f"{deltas[k]['delta']:+.1f} [{deltas[k]['low']:+.1f}, {deltas[k]['high']:+.1f}]" if k in deltas else "-"
-                 for k in ("t2v.R@1", "hardneg.order.acc")]
+        cells = ci_cells(compare_runs(outcomes[a], outcomes[b]), ("t2v.R@1", "hardneg.order.acc"))
         print(f"| {a} vs {b} | " + " | ".join(cells) + " |")
 
 

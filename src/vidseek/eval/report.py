@@ -22,6 +22,7 @@ __all__ = [
     "REPORT_NAME",
     "REQUIRED_SETTINGS",
     "TABLE_COLUMNS",
+    "ci_cells",
     "format_comparison",
     "format_intervals",
     "format_table",
@@ -162,3 +163,18 @@ def format_comparison(deltas: Mapping[str, Mapping[str, float]], a_label: str, b
         lines.append(f"{name:<{width}}  {d['a']:7.1f}  {d['b']:7.1f}  {d['delta']:+7.1f}  "
                      f"[{d['low']:+.1f}, {d['high']:+.1f}]{mark}")
     return "\n".join(lines)
+
+
+def ci_cells(results: Mapping[str, Mapping[str, float]], keys: list[str] | tuple[str, ...]) -> list[str]:
+    """Markdown cells ``value [low, high]`` per key of `summarize_runs` (mean) or `compare_runs`
+    (signed Δ) results; ``-`` for a metric the results lack."""
+    cells = []
+    for key in keys:
+        r = results.get(key)
+        if r is None:
+            cells.append("-")
+        elif "delta" in r:
+            cells.append(f"{r['delta']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]")
+        else:
+            cells.append(f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]")
+    return cells
