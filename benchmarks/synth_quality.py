@@ -1,6 +1,6 @@
 """Quality on the synthetic benchmark: train every synth preset and print the README table.
 
-    python benchmarks/synth_quality.py --data data/synth --runs runs/synth [--only "meanP;seqTransf"]
+    python benchmarks/synth_quality.py --data data/synth --runs runs/synth [--only "meanP;seqTransf"] [--seeds 3]
 
 Chain (each step resumes/reuses a finished run in --runs):
   synth-clip-tiny (end-to-end, the 'pretrained CLIP')
@@ -10,6 +10,11 @@ Chain (each step resumes/reuses a finished run in --runs):
 Every model is selected on the validation split and evaluated once on test. Rows: T2V / V2T
 R@1, R@5, MnR, and the hard-negative subset (pairwise accuracy own video vs order-swapped or
 one-attribute-changed partner; R@1 among queries that have an order-swapped partner).
+
+`--seeds N` trains every row with training seeds preset+0 … preset+N-1 (run folders `<row>-s<k>`,
+each --init from the same seed's parent) and prints each T2V metric as the mean over seeds with
+its 95% bootstrap CI over test queries (`vidseek.eval.bootstrap.summarize_runs`), plus the paired
+Δ (95% CI) of each method against its baseline (`compare_runs`).
 """
 from __future__ import annotations
 
@@ -35,10 +40,14 @@ CHAIN: list[tuple[str, str, str | None, dict]] = [
     ("PIG, gen. weight 2", "synth-pig-tiny", "PIG stage 1", {"generation_weight": 2.0}),
 ]
 BY_LABEL = {label: (preset, init, model) for label, preset, init, model in CHAIN}
+# (method, baseline) pairs whose paired Δ is printed when both rows ran.
+COMPARISONS = [("seqTransf", "meanP"), ("TC-MGC", "seqTransf"), ("PIG (gen. weight 1)", "PIG baseline")]
 
 
-def run_dir(runs: Path, label: str) -> Path:
-    return runs / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+def run_dir(runs: Path, label: str, seed: int | None = None) -> Path:
+    """A row's run folder; `seed` k (with --seeds) gets its own folder `<row>-s<k>`."""
+    name = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    return runs / (name if seed is None else f"{name}-s{seed}")
 
 
 def with_dependencies(labels: list[str]) -> list[str]:
@@ -53,43 +62,44 @@ def with_dependencies(labels: list[str]) -> list[str]:
     return [label for label, *_ in CHAIN if label in needed]
 
 
-def preset_for(label: str):
+def preset_for(label: str, seed: int | None = None):
     import dataclasses
 
     from vidseek.models.registry import get_preset
 
     name, _, model_overrides = BY_LABEL[label]
     preset = get_preset(name)
-    return dataclasses.replace(preset, model_config={**preset.model_config, **model_overrides})
+    preset = dataclasses.replace(preset, model_config={**preset.model_config, **model_overrides})
+    return preset if seed is None else preset.with_overrides(seed=preset.train.seed + seed)
 
 
-def train_one(label: str, data: Path, runs: Path) -> float:
+def train_one(label: str, data: Path, runs: Path, seed: int | None = None) -> float:
     from vidseek.train.loop import train
 
-    out = run_dir(runs, label)
-    preset = preset_for(label)
+    out = run_dir(runs, label, seed)
+    preset = preset_for(label, seed)
     init = BY_LABEL[label][1]
     if (out / "log.jsonl").exists():
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x]
         if log and max(x["step"] for x in log) >= (preset.train.max_steps or 0) and (out / "best.pt").exists():
             return 0.0
     t0 = time.perf_counter()
-    train(preset, data, out, init_from=str(run_dir(runs, init)) if init else None,
+    train(preset, data, out, init_from=str(run_dir(runs, init, seed)) if init else None,
           resume=(out / "last.pt").exists(), progress=False)
     return time.perf_counter() - t0
 
 
-def evaluate(label: str, data: Path, runs: Path) -> dict[str, float]:
+def evaluate(label: str, data: Path, runs: Path, seed: int | None = None, outcomes_out: dict | None = None) -> dict[str, float]:
     from vidseek.eval.runner import evaluate_model
     from vidseek.models.registry import Preset
     from vidseek.train.checkpoint import load_model
     from vidseek.train.loop import load_split, video_source
 
-    model, payload = load_model(run_dir(runs, label))
+    model, payload = load_model(run_dir(runs, label, seed))
     preset = Preset.from_dict(payload["preset"])
     test = load_split(preset, data, "test")
-    source = video_source(preset, test, run_dir(runs, label), None, model, False)
-    metrics = evaluate_model(model, test, source, preset.words)
+    source = video_source(preset, test, run_dir(runs, label, seed), None, model, False)
+    metrics = evaluate_model(model, test, source, preset.words, outcomes_out=outcomes_out)
     metrics["best_step"] = payload["step"]
     return metrics
 
@@ -99,8 +109,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--only", default="", help="row labels separated by ; (plus the runs they start from)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="train N seeds per row and print mean with 95%% CI (default: one run per row)")
     args = parser.parse_args()
     labels = with_dependencies([x.strip() for x in args.only.split(";") if x.strip()] or [c[0] for c in CHAIN])
+    if args.seeds is not None:
+        return print_seeded_table(labels, args.data, args.runs, args.seeds)
     rows = []
     for label in labels:
         seconds = train_one(label, args.data, args.runs)
@@ -118,6 +132,42 @@ def main() -> None:
         print(f"| {name} | {m['t2v.R@1']:.1f} | {m['t2v.R@5']:.1f} | {m['t2v.MnR']:.1f} | {m['v2t.R@1']:.1f} | "
               f"{m['v2t.R@5']:.1f} | {m.get('hardneg.order.acc', float('nan')):.1f} | "
               f"{m.get('hardneg.attribute.acc', float('nan')):.1f} | {m.get('hardneg.order.t2v.R@1', float('nan')):.1f} |")
+
+
+SEEDED_METRICS = [("T2V R@1", "t2v.R@1"), ("R@5", "t2v.R@5"), ("R@10", "t2v.R@10"), ("order-pair acc", "hardneg.order.acc"),
+                  ("attribute-pair acc", "hardneg.attribute.acc")]
+
+
+def print_seeded_table(labels: list[str], data: Path, runs: Path, seeds: int) -> None:
+    """Train/evaluate every row for `seeds` training seeds; print mean [95% CI] and paired Δs."""
+    from vidseek.eval.bootstrap import compare_runs, summarize_runs
+    from vidseek.eval.report import ci_cells
+
+    if seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {seeds}")
+    outcomes: dict[str, list] = {}
+    seconds: dict[str, float] = {}
+    for label in labels:
+        for seed in range(seeds):
+            seconds[label] = seconds.get(label, 0.0) + train_one(label, data, runs, seed)
+            out: dict = {}
+            m = evaluate(label, data, runs, seed, outcomes_out=out)
+            outcomes.setdefault(label, []).append(out["outcomes"])
+            print(f"{label} seed {seed}: best val step {m['best_step']}, test T2V R@1 {m['t2v.R@1']:.1f}", flush=True)
+    print(f"\n{seeds} training seed(s) per row; mean over seeds [95% bootstrap CI over "
+          f"{len(next(iter(outcomes.values()))[0].query_ids)} test queries]\n")
+    print("| model | " + " | ".join(h for h, _ in SEEDED_METRICS) + " | train s, all seeds (0 = reused) |")
+    print("|---|" + "---|" * (len(SEEDED_METRICS) + 1))
+    for label in labels:
+        cells = ci_cells(summarize_runs(outcomes[label]), [k for _, k in SEEDED_METRICS])
+        print(f"| {label} | " + " | ".join(cells) + f" | {seconds[label]:.0f} |")
+    pairs = [(a, b) for a, b in COMPARISONS if a in outcomes and b in outcomes]
+    if pairs:
+        print("\n| method vs baseline | Δ T2V R@1 [95% CI] | Δ order-pair acc [95% CI] |")
+        print("|---|---|---|")
+    for a, b in pairs:
+        cells = ci_cells(compare_runs(outcomes[a], outcomes[b]), ("t2v.R@1", "hardneg.order.acc"))
+        print(f"| {a} vs {b} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -405,7 +405,7 @@ def test_presets():
     tiny = {n: get_preset(n) for n in ("synth-pig-stage1-tiny", "synth-pig-tiny", "synth-pig-baseline-tiny")}
     for p in tiny.values():
         assert (p.clip, p.frames, p.words, p.train.lr, p.train.clip_lr_coef, p.train.hard_negatives) == \
-            ("tiny", 8, 32, 1e-3, 1.0, True)
+            ("tiny", 8, 32, 1e-3, 1.0, "groups")
         assert p.model_config["backbone"] == "frames"  # reads frozen-tower features (synth recipe)
     assert tiny["synth-pig-stage1-tiny"].model_config["stage"] == 1
     assert tiny["synth-pig-baseline-tiny"].model_config["generator"] is False

@@ -68,7 +68,9 @@ def test_gradient_caching_equals_full_batch_gradients():
 
 def test_epoch_batches_deterministic_and_groups_together():
     groups = ["g0", "g0", "g1", "g1", "g2", "g3", "g3", "g4"]
-    batches = EpochBatches(list(range(8)), batch_size=4, seed=7, groups=groups)
+    from vidseek.data.hard_negatives import group_partners
+
+    batches = EpochBatches(list(range(8)), batch_size=4, seed=7, partners=group_partners(groups))
     first = batches.for_epoch(0)
     assert first == batches.for_epoch(0)
     assert first != batches.for_epoch(1) or first != batches.for_epoch(2)
@@ -172,3 +174,16 @@ def test_every_preset_builds_and_computes_a_loss():
         out = train_step(model, tokens, frames, None, DistInfo())
         assert torch.isfinite(out.loss.detach()), preset.name
     assert len(seen) >= 2
+
+
+def test_selection_value_sums_parts_and_skips_absent_hard_negative_accuracies():
+    from vidseek.train.loop import selection_value
+
+    metrics = {"val.t2v.R@1": 30.0, "val.hardneg.order.acc": 80.0, "val.hardneg.attribute.acc": 90.0}
+    assert selection_value(metrics, "val.t2v.R@1") == 30.0
+    assert selection_value(metrics, "val.t2v.R@1+val.hardneg.order.acc+val.hardneg.attribute.acc") == 200.0
+    # Data without partner metadata reports no hard-negative accuracies: those parts drop out.
+    assert selection_value({"val.t2v.R@1": 30.0}, "val.t2v.R@1+val.hardneg.order.acc") == 30.0
+    assert selection_value({}, "val.t2v.R@1") is None  # non-main ranks validate nothing
+    with pytest.raises(ConfigError, match="val.t2v.R@2"):
+        selection_value(metrics, "val.t2v.R@2+val.hardneg.order.acc")

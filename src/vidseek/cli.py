@@ -1,6 +1,6 @@
 """`vidseek` command line (Typer). Every user mistake ends in one line `error: …` and exit 2.
 
-Commands: synth, extract, presets, train, eval, plot, and the search-engine commands
+Commands: synth, extract, presets, train, eval, compare, plot, and the search-engine commands
 (index, search, serve, demo) registered from `vidseek.serve.commands`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, help="vidseek: tex
 @cli.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to write the synthetic benchmark into."),
-    videos: int = typer.Option(600, "--videos", help="Number of clips (train/val/test together)."),
+    videos: int = typer.Option(2000, "--videos", help="Number of clips (train/val/test together)."),
     seed: int = typer.Option(0, "--seed"),
     frames: int = typer.Option(16, "--frames", help="Frames per clip."),
     size: int = typer.Option(64, "--size", help="Frame side in pixels."),
@@ -88,6 +88,8 @@ def train(
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Gradient caching chunk."),
     lr: Optional[float] = typer.Option(None, "--lr"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    hard_negatives: Optional[str] = typer.Option(None, "--hard-negatives", help="Partners kept in one batch: none, "
+                                                 "groups (dataset metadata) or mined (from the captions)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Train a preset; the best checkpoint is chosen on the validation split."""
@@ -97,7 +99,8 @@ def train(
     if not data.exists():
         raise VidseekError(f"data folder {data} does not exist: pass --data pointing at a dataset (or run `vidseek synth --out {data}`)")
     p = get_preset(preset).with_overrides(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                                          micro_batch_size=micro_batch_size, lr=lr, seed=seed)
+                                          micro_batch_size=micro_batch_size, lr=lr, seed=seed,
+                                          hard_negatives=hard_negatives)
     result = run_train(p, data, out, weights=str(weights) if weights else None,
                        features=str(features) if features else None, resume=resume,
                        init_from=str(init) if init else None, device=device)
@@ -142,7 +145,8 @@ def eval_cmd(
     cache_root = Path(payload["path"]).parent
     source = video_source(p, dataset, cache_root, str(features) if features else None, model, True)
     ranks: dict = {}
-    metrics = evaluate_model(model, dataset, source, p.words, dsl=dsl, ranks_out=ranks)
+    per_query: dict = {}
+    metrics = evaluate_model(model, dataset, source, p.words, dsl=dsl, ranks_out=ranks, outcomes_out=per_query)
     if recall_curve:
         from vidseek.eval.plots import plot_recall_curves
 
@@ -154,12 +158,51 @@ def eval_cmd(
     extra = {k: v for k, v in metrics.items() if k.startswith("hardneg.")}
     for key, value in extra.items():
         typer.echo(f"{key}: {value:.1f}")
+    if extra and per_query["hardneg_source"] == "mined":
+        typer.echo("(hard-negative pairs mined from the captions: the data has no partner metadata)")
+    from vidseek.eval.bootstrap import metric_intervals
+    from vidseek.eval.report import REPORT_NAME, format_intervals
+
+    intervals = metric_intervals(per_query["outcomes"])
+    typer.echo(format_intervals(intervals) + "  (bootstrap over queries)")
+    metrics.update({f"{name}_ci": [iv.low, iv.high] for name, iv in intervals.items()})
     settings = {"preset": p.name, "checkpoint": payload["path"], "step": payload["step"], "split": split,
                 "frames": p.frames, "fps": None, "words": p.words, "batch": p.train.batch_size, "precision": "fp32",
                 "sampling": "uniform", "post_processing": "DSL row separate" if dsl else "none",
-                "selected_on": payload.get("best", {}).get("metric", "val")}
+                "selected_on": payload.get("best", {}).get("metric", "val"),
+                "hard_negative_pairs": per_query["hardneg_source"]}
+    # A run folder keeps its report, so `vidseek compare runA runB` can pair them query by query.
+    json_out = json_out or (checkpoint / REPORT_NAME.format(split=split) if checkpoint.is_dir() else None)
     if json_out:
-        write_report(json_out, metrics, settings)
+        write_report(json_out, metrics, settings, per_query=per_query["outcomes"].to_json())
+        typer.echo(f"wrote {json_out}")
+
+
+@cli.command()
+def compare(
+    reports: list[Path] = typer.Argument(..., help="A B: two eval reports (JSON) or run folders; "
+                                                 "several seeds per side as `A1 A2 vs B1 B2`."),
+    split: str = typer.Option("test", "--split", help="Which eval-<split>.json to read from run folders."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    resamples: int = typer.Option(2000, "--resamples", help="Bootstrap resamples."),
+) -> None:
+    """Paired-bootstrap difference A − B (95% CI) of every metric, on the same queries."""
+    from vidseek.eval.bootstrap import compare_runs
+    from vidseek.eval.report import format_comparison, read_outcomes
+
+    names = [str(r) for r in reports]
+    if "vs" in names:
+        cut = names.index("vs")
+        side_a, side_b = reports[:cut], reports[cut + 1:]
+    elif len(reports) == 2:
+        side_a, side_b = reports[:1], reports[1:]
+    else:
+        raise VidseekError(f"got {len(reports)} reports: pass exactly two (A B) or separate the sides with `vs`")
+    if not side_a or not side_b:
+        raise VidseekError("one side of `vs` is empty: pass at least one report on each side")
+    deltas = compare_runs([read_outcomes(r, split) for r in side_a], [read_outcomes(r, split) for r in side_b],
+                          resamples=resamples, seed=seed)
+    typer.echo(format_comparison(deltas, ", ".join(map(str, side_a)), ", ".join(map(str, side_b))))
 
 
 @cli.command()

@@ -3,8 +3,9 @@
     {"video_id": "clip001", "video": "videos/clip001.mp4", "captions": ["a dog ...", ...],
      "split": "train", "start": 3.0, "end": 9.5, "meta": {...}}
 
-`start`, `end` (seconds, for clips cut from a longer file) and `meta` (free-form extras, e.g. the
-synthetic benchmark's hard-negative partners) are optional. Relative `video` paths are relative
+`video_id` (default: the `video` path as written), `start`, `end` (seconds, for clips cut from a
+longer file) and `meta` (free-form extras, e.g. the synthetic benchmark's hard-negative partners)
+are optional. Relative `video` paths are relative
 to the JSONL file's folder. The file is `annotations.jsonl` in the dataset folder, or any
 `.jsonl` file passed as the root. Blank lines are skipped; video ids are unique in the file.
 
@@ -82,6 +83,7 @@ def _parse_line(line: str, path: Path, line_number: int) -> VideoRecord:
         raise DatasetError(f"{where}: malformed JSON at column {err.colno} ({err.msg}); fix the line") from None
     if not isinstance(item, dict):
         raise DatasetError(f"{where}: expected a JSON object, found {type(item).__name__}")
+    item.setdefault("video_id", item.get("video"))  # a file is its own id unless clips share it
     for key in ("video_id", "video", "split"):
         if not isinstance(item.get(key), str) or not item[key].strip():
             raise DatasetError(f"{where}: field {key!r} must be a non-empty string")

@@ -8,6 +8,8 @@ Videos that could not be decoded are excluded from the gallery and counted in th
 On the synthetic benchmark, the hard-negative subset is reported separately: for every query
 whose video has an order-swapped (or one-attribute-changed) partner, the share of queries that
 score their own video strictly above the partner (`hardneg.order.acc`, `hardneg.attribute.acc`).
+Data without partner metadata gets the same metrics over partners mined from its captions
+(`vidseek.data.hard_negatives`), so validation can see order there too.
 """
 from __future__ import annotations
 
@@ -52,39 +54,53 @@ def similarity_matrix(model: RetrievalModel, text, video, block_queries: int = 2
     return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)
 
 
-def hard_negative_metrics(sim: np.ndarray, query_video: Sequence[int], video_ids: Sequence[str],
-                          records_meta: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Pairwise accuracy of own video vs each hard-negative partner, per kind, and R@1 within
-    the queries that have an order-swapped partner."""
+def hard_negative_pairs(sim: np.ndarray, query_video: Sequence[int], video_ids: Sequence[str],
+                        records_meta: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, bool]]]:
+    """kind → query index → partner video id → whether the query scored its own video strictly
+    above that hard-negative partner (partners outside the gallery are skipped)."""
     column = {vid: j for j, vid in enumerate(video_ids)}
-    wins: dict[str, list[bool]] = {}
-    order_queries = []
+    outcomes: dict[str, dict[int, dict[str, bool]]] = {}
     for q, v in enumerate(query_video):
         for partner in records_meta[v].get("hard_negatives", []) or []:
             j = column.get(partner["video_id"])
             if j is None:
                 continue
-            wins.setdefault(partner["kind"], []).append(bool(sim[q, v] > sim[q, j]))
-            if partner["kind"] == "order":
-                order_queries.append(q)
+            outcomes.setdefault(partner["kind"], {}).setdefault(q, {})[partner["video_id"]] = bool(sim[q, v] > sim[q, j])
+    return outcomes
+
+
+def hard_negative_metrics(sim: np.ndarray, query_video: Sequence[int], video_ids: Sequence[str],
+                          records_meta: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Pairwise accuracy of own video vs each hard-negative partner, per kind, and R@1 within
+    the queries that have an order-swapped partner."""
+    return _pair_metrics(hard_negative_pairs(sim, query_video, video_ids, records_meta), sim, query_video)
+
+
+def _pair_metrics(pairs: dict[str, dict[int, dict[str, bool]]], sim: np.ndarray,
+                  query_video: Sequence[int]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for kind, w in sorted(wins.items()):
-        out[f"hardneg.{kind}.acc"] = 100.0 * float(np.mean(w))
-        out[f"hardneg.{kind}.pairs"] = float(len(w))
-    if order_queries:
+    for kind, by_query in sorted(pairs.items()):
+        wins = [w for per in by_query.values() for w in per.values()]
+        out[f"hardneg.{kind}.acc"] = 100.0 * float(np.mean(wins))
+        out[f"hardneg.{kind}.pairs"] = float(len(wins))
+    if pairs.get("order"):
         from vidseek.eval.metrics import gt_ranks
 
-        qs = sorted(set(order_queries))
+        qs = sorted(pairs["order"])
         ranks = gt_ranks(sim[qs], [query_video[q] for q in qs])
         out["hardneg.order.t2v.R@1"] = 100.0 * float(np.mean(ranks <= 1))
     return out
 
 
 def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, *, dsl: bool = False,
-                   batch_size: int = 32, ranks_out: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+                   batch_size: int = 32, ranks_out: dict[str, np.ndarray] | None = None,
+                   outcomes_out: dict[str, Any] | None = None) -> dict[str, float]:
     """Full T2V/V2T report on `dataset` (a RetrievalDataset) with videos from `source`.
 
-    `ranks_out`, if given, receives the per-query T2V ranks under "t2v" (for recall curves)."""
+    `ranks_out`, if given, receives the per-query T2V ranks under "t2v" (for recall curves);
+    `outcomes_out` receives the per-query `QueryOutcomes` under "outcomes" (for bootstrap CIs
+    and `vidseek compare`) and where the hard-negative pairs came from under "hardneg_source"
+    ("metadata" or "mined")."""
     from vidseek.eval.metrics import dual_softmax, retrieval_report
 
     model.eval()
@@ -100,14 +116,29 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
     sim = similarity_matrix(model, text, video)
     query_video = [v for _, v in queries]
     report = retrieval_report(sim, query_video)
-    if ranks_out is not None:
+    if ranks_out is not None or outcomes_out is not None:
         from vidseek.eval.metrics import gt_ranks
 
-        ranks_out["t2v"] = gt_ranks(sim, query_video)
+        t2v_ranks = gt_ranks(sim, query_video)
+        if ranks_out is not None:
+            ranks_out["t2v"] = t2v_ranks
     report["num_videos_failed"] = float(len(dataset.records) - len(usable))
     meta = [dataset.records[i].meta for i in usable]
-    if any(m.get("hard_negatives") for m in meta):
-        report.update(hard_negative_metrics(sim, query_video, [dataset.records[i].video_id for i in usable], meta))
+    hardneg_source = "metadata"
+    if not any(m.get("hard_negatives") for m in meta):
+        from vidseek.data.hard_negatives import partner_links
+
+        meta = [{"hard_negatives": links} for links in partner_links([dataset.records[i] for i in usable])]
+        hardneg_source = "mined"
+    usable_ids = [dataset.records[i].video_id for i in usable]
+    pairs = hard_negative_pairs(sim, query_video, usable_ids, meta)
+    report.update(_pair_metrics(pairs, sim, query_video))
+    if outcomes_out is not None:
+        from vidseek.eval.bootstrap import QueryOutcomes
+
+        outcomes_out["outcomes"] = QueryOutcomes.from_texts(
+            [t for t, _ in queries], [usable_ids[v] for v in query_video], t2v_ranks, pairs)
+        outcomes_out["hardneg_source"] = hardneg_source
     if dsl:
         for key, value in retrieval_report(dual_softmax(sim), query_video).items():
             report[f"dsl.{key}"] = value

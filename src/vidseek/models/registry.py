@@ -30,12 +30,20 @@ class TrainConfig:
     weight_decay: float = 0.2
     warmup_fraction: float = 0.1
     grad_clip: float | None = 1.0
-    hard_negatives: bool = False  # keep a clip's hard-negative group in one batch
+    # Hard-negative partners kept in one batch: "none"; "groups" (the dataset's meta["group"], e.g.
+    # the synthetic benchmark's order/attribute twins); "mined" (found from the captions, any dataset).
+    hard_negatives: str = "none"
     eval_every: int | None = None  # optimiser steps between validation runs (None: once per epoch)
     mode: str = "frames"  # "frames": end-to-end from decoded frames; "features": frozen image tower
     sampling: str = "uniform"  # frame sampling for training clips
     seed: int = 42
     select_metric: str = "val.t2v.R@1"  # model selection on the validation split, never test
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hard_negatives, bool):  # presets/checkpoints from before the three sources
+            self.hard_negatives = "groups" if self.hard_negatives else "none"
+        if self.hard_negatives not in ("none", "groups", "mined"):
+            raise ConfigError(f"hard_negatives (--hard-negatives) must be none, groups or mined, got {self.hard_negatives!r}")
 
 
 @dataclass
@@ -222,7 +230,7 @@ def synth_train(**kw: Any) -> TrainConfig:
         weight_decay=0.05,
         warmup_fraction=0.05,
         grad_clip=1.0,
-        hard_negatives=True,
+        hard_negatives="groups",
         eval_every=100,
         mode="features",
         seed=0,

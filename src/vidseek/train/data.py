@@ -7,8 +7,10 @@ Two video sources share one small interface (`features(model, indices) -> FrameF
 - `StoreSource`: frame features written by `vidseek extract` (frozen image tower; the fast path).
 
 `EpochBatches` draws each epoch's batches deterministically from (seed, epoch): every video
-once per epoch with one of its captions, optionally keeping a clip's hard-negative group in the
-same batch (order is learned only that way — DESIGN.md, synthetic benchmark).
+once per epoch with one of its captions, optionally placing each clip's hard-negative partners
+right after it so they share its batch (order is learned only that way — DESIGN.md, synthetic
+benchmark). Partners come from a source (`vidseek.data.hard_negatives.partners_for`): the
+dataset's groups, or mined from the captions.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -155,6 +157,10 @@ class StoreSource:
         return self.train_inputs(indices, model.device)
 
 
+def _partner_index(partner: Any) -> int:
+    return int(getattr(partner, "index", partner))
+
+
 def _stable_int(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
@@ -162,25 +168,34 @@ def _stable_int(*parts: object) -> int:
 @dataclass
 class EpochBatches:
     """Deterministic batches of record indices for each epoch (drop the last partial batch so
-    every step has the full contrastive batch, and every rank the same shapes)."""
+    every step has the full contrastive batch, and every rank the same shapes).
+
+    With `partners` (per record index, a list of `Partner`s or record indices), clips are drawn in
+    a seeded random order and each drawn clip is followed by its partners not yet placed this
+    epoch, so a clip and its hard negatives land in one batch (unless cut at a batch boundary).
+    Every usable clip still appears exactly once per epoch.
+    """
 
     usable: Sequence[int]
     batch_size: int
     seed: int
-    groups: Sequence[str] | None = None  # hard-negative group id per record (None: no grouping)
+    partners: Sequence[Sequence[Any]] | None = None
 
     def for_epoch(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
-        if self.groups is None:
-            order = list(rng.permutation(np.asarray(self.usable)))
+        drawn = [int(i) for i in rng.permutation(np.asarray(self.usable))]
+        if self.partners is None:
+            order = drawn
         else:
-            by_group: dict[str, list[int]] = {}
-            for i in self.usable:
-                by_group.setdefault(self.groups[i], []).append(i)
-            names = sorted(by_group)
-            order = [i for g in rng.permutation(len(names)) for i in by_group[names[g]]]
+            usable, placed, order = set(drawn), set(), []
+            for clip in drawn:
+                if clip in placed:
+                    continue
+                cluster = [clip] + [p for p in map(_partner_index, self.partners[clip]) if p in usable and p not in placed]
+                placed.update(cluster)
+                order.extend(cluster)
         n = len(order) // self.batch_size
-        return [[int(i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]] for b in range(n)]
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(n)]
 
     def caption_choice(self, epoch: int, index: int, num_captions: int) -> int:
         """Which caption of video `index` is used in `epoch` (independent of the global RNG)."""

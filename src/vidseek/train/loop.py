@@ -114,8 +114,13 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
     global_batch = cfg.batch_size
     if global_batch % dist.world_size:
         raise ConfigError(f"batch size {global_batch} is not divisible by {dist.world_size} processes")
-    groups = [str(r.meta.get("group", r.video_id)) for r in train_ds.records] if cfg.hard_negatives else None
-    batches = EpochBatches(train_src.usable, global_batch, cfg.seed, groups)
+    from vidseek.data.hard_negatives import partners_for
+
+    partners = partners_for(train_ds.records, cfg.hard_negatives)
+    if dist.is_main and partners is not None:
+        with_partner = sum(bool(p) for p in partners)
+        print(f"hard negatives ({cfg.hard_negatives}): {with_partner} of {len(partners)} training clips have a partner")
+    batches = EpochBatches(train_src.usable, global_batch, cfg.seed, partners)
     steps_per_epoch = len(batches.for_epoch(0))
     if steps_per_epoch == 0:
         raise DatasetError(f"{len(train_src.usable)} usable training videos in {data}: fewer than one batch of {global_batch}")
@@ -150,7 +155,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
             metrics = {f"val.{k}": v for k, v in evaluate_model(model, val_ds, val_src, preset.words).items()}
             model.train()
             log({"step": step, "epoch": epoch, **metrics})
-            value = metrics.get(cfg.select_metric)
+            value = selection_value(metrics, cfg.select_metric)
             if value is not None and (best["value"] is None or value > best["value"]):
                 best = {"metric": cfg.select_metric, "value": value, "step": step}
                 save_checkpoint(best_path, model=model, preset=preset.to_dict(), step=step, epoch=epoch,
@@ -198,6 +203,32 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
             if batch_in_epoch >= len(epoch_batches):
                 epoch, batch_in_epoch = epoch + 1, 0
     return TrainResult(run_dir=run_dir, step=step, best=best, final_val=val_metrics)
+
+
+#: Parts of a selection metric that validation reports only when its data has hard-negative
+#: partner metadata (the synthetic benchmark); elsewhere they are left out of the sum.
+OPTIONAL_SELECT_PREFIX = "val.hardneg."
+
+
+def selection_value(metrics: dict[str, float], select_metric: str) -> float | None:
+    """The model-selection value: one validation metric, or the sum of `+`-joined ones.
+
+    A sum lets selection see order learning (`val.t2v.R@1+val.hardneg.order.acc`): R@1 alone can
+    peak before order switches on (DESIGN.md, synthetic benchmark). Hard-negative parts absent
+    from `metrics` (data without partners) are skipped; any other missing part is an error.
+    None when `metrics` is empty (not the main process).
+    """
+    if not metrics:
+        return None
+    total = 0.0
+    for part in select_metric.split("+"):
+        part = part.strip()
+        if part in metrics:
+            total += metrics[part]
+        elif not part.startswith(OPTIONAL_SELECT_PREFIX):
+            raise ConfigError(f"selection metric part {part!r} is not reported by validation; "
+                              f"choose from {sorted(k for k in metrics if k.startswith('val.'))}")
+    return total
 
 
 def init_weights_from(model: RetrievalModel, checkpoint: str | Path) -> list[str]:
