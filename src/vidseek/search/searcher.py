@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import threading
 import time
+import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -317,9 +318,13 @@ class Hit:
 
 
 def check_query(text: Any) -> str:
-    """A query must be a non-blank string of at most MAX_QUERY_CHARS characters."""
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError("empty search query: type some words that describe the video")
+    """A query must be a string of at most MAX_QUERY_CHARS characters with at least one visible
+    character (not whitespace, control such as NUL, or format such as zero-width space), and be
+    valid Unicode (no lone surrogates, which no UTF-8 text can hold)."""
+    if not isinstance(text, str) or all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text):
+        raise ConfigError("empty search query (no visible characters): type some words that describe the video")
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise ConfigError("search query is not valid Unicode (it holds a lone surrogate); send UTF-8 text")
     if len(text) > MAX_QUERY_CHARS:
         raise ConfigError(f"search query is {len(text)} characters long; shorten it to at most {MAX_QUERY_CHARS}")
     return text.strip()
