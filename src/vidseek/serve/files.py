@@ -89,15 +89,14 @@ def open_indexed_file(recorded: RecordedFile) -> tuple[BinaryIO, os.stat_result]
         descriptor = os.open(recorded.path, flags)
     except OSError:  # missing, unreadable, or a symbolic link (ELOOP under O_NOFOLLOW)
         raise ChangedOnDisk(recorded.path) from None
-    handle = os.fdopen(descriptor, "rb")
-    info = os.fstat(handle.fileno())
+    info = os.fstat(descriptor)
     changed = not stat.S_ISREG(info.st_mode) or \
         (recorded.size is not None and info.st_size != recorded.size) or \
         (recorded.mtime_ns is not None and info.st_mtime_ns != recorded.mtime_ns)
     if changed:
-        handle.close()
+        os.close(descriptor)
         raise ChangedOnDisk(recorded.path)
-    return handle, info
+    return os.fdopen(descriptor, "rb"), info
 
 
 def _chunks(handle: BinaryIO, first: int, last: int) -> Iterator[bytes]:
