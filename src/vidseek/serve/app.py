@@ -57,6 +57,8 @@ MAX_RECALL_K = 1000
 THUMBNAIL_MAX_SIDE = 320
 #: Largest accepted request body: a search body is a few hundred bytes.
 MAX_BODY_BYTES = 64 * 1024
+#: Largest accepted request head (path, query string, headers); browsers send well under 8 KiB.
+MAX_HEADER_BYTES = 16 * 1024
 #: Time a client has to deliver its request body.
 BODY_TIMEOUT_S = 10.0
 
@@ -196,7 +198,8 @@ def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher
 
     app = FastAPI(title="vidseek", version=str(index.searcher.meta.get("vidseek_version", "")), lifespan=lifespan,
                   description="Text-to-video search over an indexed collection: recall → rerank cascade.")
-    app.add_middleware(RequestLimits, max_body_bytes=MAX_BODY_BYTES, body_timeout_s=BODY_TIMEOUT_S)
+    app.add_middleware(RequestLimits, max_header_bytes=MAX_HEADER_BYTES, max_body_bytes=MAX_BODY_BYTES,
+                       body_timeout_s=BODY_TIMEOUT_S)
     _install_error_handlers(app)
 
     def run_search(q: str, k: int, recall_k: int, rerank: bool) -> dict[str, Any]:

@@ -98,11 +98,10 @@ def serve_cmd(
 ) -> None:
     """Serve the search API and web page (http://HOST:PORT/, API docs at /docs)."""
     from vidseek.serve.app import create_app
-    from vidseek.serve.server import check_port, serve
+    from vidseek.serve.server import serve
 
-    check_port(port)  # before the (slow) index open
-    app = create_app(index, device=device)
-    serve(app, host, port, lambda url: typer.echo(f"vidseek: serving {index} at {url} (API docs at /docs)"))
+    serve(lambda: create_app(index, device=device), host, port,
+          lambda url: typer.echo(f"vidseek: serving {index} at {url} (API docs at /docs)"))
 
 
 def demo_cmd(
@@ -113,18 +112,18 @@ def demo_cmd(
 ) -> None:
     """Synthetic videos → train a tiny model → index → example queries → web UI, in minutes on a CPU."""
     from vidseek.search.demo import run_demo
+    from vidseek.serve.server import check_port
 
     if not no_serve:
-        from vidseek.serve.server import check_port
-
-        check_port(port)
+        check_port(port)  # before minutes of work
     result = run_demo(cache=cache)
     if no_serve:
         return
     from vidseek.serve.app import create_app
     from vidseek.serve.server import serve
 
-    serve(create_app(result.index_dir), host, port, lambda url: typer.echo(f"[demo] open {url} (Ctrl-C to stop)"))
+    serve(lambda: create_app(result.index_dir), host, port,
+          lambda url: typer.echo(f"[demo] open {url} (Ctrl-C to stop)"))
 
 
 def register(cli: typer.Typer) -> None:

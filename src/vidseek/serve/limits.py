@@ -1,4 +1,8 @@
-"""Request bounds as ASGI middleware: a body-size limit and a body deadline (issue 12, item 5).
+"""Request bounds as ASGI middleware: head and body size limits and a body deadline (issue 12, item 5).
+
+* A request head (path, query and headers) larger than `max_header_bytes` is answered 431. The
+  HTTP parser already refuses to *buffer* more than that of an incomplete head; this also covers
+  a large head that arrives in one piece.
 
 * A body declared larger than `max_body_bytes` (Content-Length) is answered 413 before a byte
   of it is read; a chunked body is counted as it streams and cut off with 413 as soon as it
@@ -46,14 +50,21 @@ def declared_length(scope: Scope) -> int | None:
 class RequestLimits:
     """Pure ASGI middleware (no body buffering of its own) enforcing the two bounds above."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app: ASGIApp, *, max_header_bytes: int, max_body_bytes: int, body_timeout_s: float):
         self.app = app
+        self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        head_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if head_bytes > self.max_header_bytes:
+            await _send_json(send, 431, f"request head is {head_bytes} bytes; this server accepts at most "
+                                        f"{self.max_header_bytes} bytes of path, query and headers")
             return
         declared = declared_length(scope)
         if declared is not None and declared > self.max_body_bytes:

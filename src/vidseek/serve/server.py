@@ -4,8 +4,9 @@
   `HEADER_TIMEOUT_S` of opening (or of its previous response); uvicorn alone waits forever for a
   client that sends one byte a second (slowloris), since its keep-alive timer stops at the first
   byte. `HeaderDeadlineProtocol` closes such a connection.
-* Idle keep-alive connections close after `KEEP_ALIVE_S`; a request head larger than
-  `MAX_HEADER_BYTES` is refused (h11's incomplete-event limit); beyond `MAX_CONCURRENCY`
+* Idle keep-alive connections close after `KEEP_ALIVE_S`; the parser buffers at most
+  `MAX_HEADER_BYTES` of an incomplete request head (400 beyond; a complete head that large is
+  431 from `vidseek.serve.limits`); beyond `MAX_CONCURRENCY`
   connections + requests uvicorn answers 503 instead of queueing without bound.
 * The port is bound before the app is announced, so a busy or invalid port is one line.
 The request body's own bounds (size, deadline) are ASGI middleware: `vidseek.serve.limits`.
@@ -19,10 +20,10 @@ from typing import Any, Callable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vidseek.errors import ConfigError
+from vidseek.serve.app import MAX_HEADER_BYTES
 
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
-MAX_HEADER_BYTES = 16 * 1024
 MAX_CONCURRENCY = 256
 
 
@@ -100,11 +101,17 @@ def server_config(app: Any, **overrides: Any) -> Any:
     return uvicorn.Config(app, **settings)
 
 
-def serve(app: Any, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Bind host:port (failing in one line), call `announce` with the URL, serve until interrupted."""
+def serve(make_app: Callable[[], Any], host: str, port: int, announce: Callable[[str], None]) -> None:
+    """Bind host:port (failing in one line, before the slow index open), build the app, call
+    `announce` with the URL, serve until interrupted."""
     import uvicorn
 
     sock = bind(host, port)
+    try:
+        app = make_app()
+    except BaseException:
+        sock.close()
+        raise
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"http://{shown_host}:{bound_port}/")
