@@ -39,14 +39,14 @@ from urllib.parse import quote
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from vidseek.errors import ConfigError, SearchIndexError, VidseekError
 from vidseek.search.indexer import THUMBNAIL_DIR, Entry
-from vidseek.search.searcher import MAX_QUERY_CHARS, Hit, Searcher, check_query
+from vidseek.search.searcher import MAX_QUERY_CHARS, Hit, Searcher, check_query, visible_character_pattern
 from vidseek.serve.files import ChangedOnDisk, RecordedFile, file_response, open_indexed_file
 from vidseek.serve.limits import RequestLimits
 from vidseek.serve.live_index import LiveIndex
@@ -76,8 +76,23 @@ def _checked_query(text: str) -> str:
 
 QUERY_HELP = (f"Query text: what happens in the video, 1–{MAX_QUERY_CHARS} characters with at least one visible "
               f"character (blank, NUL-only, zero-width-only and invalid Unicode → 422).")
-QueryText = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description=QUERY_HELP),
-                      AfterValidator(_checked_query)]
+#: The schema states the rule (so clients and fuzzers know it); `check_query` enforces it, with a
+#: readable message instead of the pattern.
+QUERY_SCHEMA = {"pattern": visible_character_pattern()}
+QueryText = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description=QUERY_HELP,
+                                 json_schema_extra=QUERY_SCHEMA), AfterValidator(_checked_query)]
+
+
+def _integral_number(value: Any) -> Any:
+    """5.0 → 5: JSON Schema counts a number with a zero fraction as an integer. Anything else
+    (5.5, infinity, NaN, "5", true) goes on to the strict integer check unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: A JSON integer: no strings, booleans or fractions.
+JsonInt = Annotated[int, BeforeValidator(_integral_number)]
 
 
 class SearchRequest(BaseModel):
@@ -86,8 +101,8 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     q: QueryText
-    k: int = Field(10, ge=1, le=MAX_K, description="Number of videos to return.")
-    recall_k: int = Field(100, ge=1, le=MAX_RECALL_K, description="Candidates the recall stage passes to the reranker.")
+    k: JsonInt = Field(10, ge=1, le=MAX_K, description="Number of videos to return.")
+    recall_k: JsonInt = Field(100, ge=1, le=MAX_RECALL_K, description="Candidates the recall stage passes to the reranker.")
     rerank: bool = Field(True, description="Rescore candidates with the reranker (if the index has one).")
 
 
@@ -209,8 +224,8 @@ def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher
         return {"query": q, "k": k, "reranked": reranked, "results": [hit_json(h) for h in hits]}
 
     @app.get("/search", summary="Search (query string)", response_model=SearchResponse)
-    def search_get(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description=QUERY_HELP),
-                                AfterValidator(_checked_query)],
+    def search_get(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description=QUERY_HELP,
+                                      json_schema_extra=QUERY_SCHEMA), AfterValidator(_checked_query)],
                    k: int = Query(10, ge=1, le=MAX_K), recall_k: int = Query(100, ge=1, le=MAX_RECALL_K),
                    rerank: bool = Query(True)) -> dict[str, Any]:
         return run_search(q, k, recall_k, rerank)

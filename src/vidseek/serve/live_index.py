@@ -97,9 +97,10 @@ class LiveIndex:
             generation.searcher.close()
 
     def close(self) -> None:
+        """Close the current generation once its requests are done (closing twice is harmless)."""
         with self._lock:
             generation = self._current
+            close_now = generation.users == 0 and not generation.retired
             generation.retired = True
-            close_now = generation.users == 0
         if close_now:
             self._close(generation)
