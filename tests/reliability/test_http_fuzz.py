@@ -15,7 +15,7 @@ from schemathesis.generation import GenerationMode
 from http_index import shared_http_index
 from vidseek.serve.app import create_app
 
-EXAMPLES = {GenerationMode.POSITIVE: 250, GenerationMode.NEGATIVE: 150}
+EXAMPLES = {GenerationMode.POSITIVE: 200, GenerationMode.NEGATIVE: 80}
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ class _Generation:
     signature: Signature
     owned: bool  # closed by this object when replaced
     users: int = 0
-    retired: bool = False
+    retired: bool = False  # replaced, or the app shut down: no new users
+    closed: bool = False
 
 
 class LiveIndex:
@@ -52,26 +53,27 @@ class LiveIndex:
         self._current = _Generation(first or open_searcher(), signature, owned=first is None)
         self._lock = threading.Lock()  # guards _current and the user counts
         self._reload_lock = threading.Lock()  # one reopen at a time
-        self.reloads = 0
 
     @property
     def searcher(self) -> Searcher:
         """The current generation's searcher (for reads that need no reload check)."""
         return self._current.searcher
 
+    def _stale(self, signature: Signature) -> bool:
+        return signature != self._current.signature or self._current.retired
+
     def _refresh(self) -> None:
-        if index_signature(self.index_dir) == self._current.signature:
+        if not self._stale(index_signature(self.index_dir)):
             return
         with self._reload_lock:
             signature = index_signature(self.index_dir)  # read before opening: a later change reloads again
-            if signature == self._current.signature:
+            if not self._stale(signature):
                 return  # another request reopened it while this one waited
             fresh = _Generation(self._open_searcher(), signature, owned=True)
             with self._lock:
                 old, self._current = self._current, fresh
                 old.retired = True
                 close_now = old.users == 0
-            self.reloads += 1
         if close_now:
             self._close(old)
 
@@ -91,16 +93,18 @@ class LiveIndex:
             if close_now:
                 self._close(generation)
 
-    @staticmethod
-    def _close(generation: _Generation) -> None:
-        if generation.owned:
+    def _close(self, generation: _Generation) -> None:
+        with self._lock:
+            already, generation.closed = generation.closed, True
+        if generation.owned and not already:
             generation.searcher.close()
 
     def close(self) -> None:
-        """Close the current generation once its requests are done (closing twice is harmless)."""
+        """Close the current generation once its requests are done. Closing twice is harmless, and
+        a request after `close` (an app whose lifespan is started again) reopens the index."""
         with self._lock:
             generation = self._current
-            close_now = generation.users == 0 and not generation.retired
             generation.retired = True
+            close_now = generation.users == 0
         if close_now:
             self._close(generation)
