@@ -12,8 +12,7 @@ import time
 import pytest
 
 from http_index import shared_http_index
-from vidseek.errors import ConfigError
-from vidseek.serve.app import MAX_BODY_BYTES, create_app
+from vidseek.serve.app import create_app
 from vidseek.serve.server import HeaderDeadlineProtocol, bind, server_config
 
 HEADER_TIMEOUT_S = 2.0  # shortened for the test (the default is 10 s)
