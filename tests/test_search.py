@@ -326,7 +326,7 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     from vidseek.search.demo import TrainingStage, demo_queries, run_demo, sample_clip_folder
 
     stages = (TrainingStage("synth-clip-tiny", 2, 8, 2), TrainingStage("synth-seqtransf-tiny", 2, 8, 2))
-    settings = dict(serve=False, synth=SynthConfig(num_videos=30, seed=4, frames=8, size=32), stages=stages,
+    settings = dict(synth=SynthConfig(num_videos=30, seed=4, frames=8, size=32), stages=stages,
                     progress=False)
     first = run_demo(tmp_path, **settings)
     queries = demo_queries(tmp_path / "synth")

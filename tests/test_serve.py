@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from test_search import QUERY, tiny_index
 from vidseek.search.searcher import Searcher
-from vidseek.serve.app import create_app, parse_range
+from vidseek.serve.app import create_app
+from vidseek.serve.files import UnsatisfiableRange, parse_range
 
 K = 4
 
@@ -47,7 +48,7 @@ def test_search_get_and_post_return_the_searchers_ranking(served):
 
 @pytest.mark.parametrize("params, message", [
     ({"q": "   "}, "empty search query"),
-    ({"q": ""}, "empty search query"),
+    ({"q": ""}, "at least 1 character"),
     ({"q": "x" * 1001}, "at most 1000"),
     ({"q": QUERY, "k": 0}, None),
     ({"q": QUERY, "k": 101}, None),
@@ -56,14 +57,16 @@ def test_search_get_and_post_return_the_searchers_ranking(served):
 def test_invalid_searches_are_422(served, params, message):
     response = served["client"].get("/search", params=params)
     assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert errors and all(set(e) == {"loc", "msg", "type"} for e in errors)
     if message:
-        assert message in response.json()["detail"]
+        assert message in errors[0]["msg"] and errors[0]["loc"] == ["query", "q"]
 
 
 def test_invalid_post_body_is_422(served):
     client = served["client"]
     assert client.post("/search", json={"q": " "}).status_code == 422
-    assert "empty search query" in client.post("/search", json={"q": ""}).json()["detail"]
+    assert client.post("/search", json={"q": ""}).json()["detail"][0]["loc"] == ["body", "q"]
     assert client.post("/search", json={"k": 3}).status_code == 422
 
 
@@ -91,10 +94,14 @@ def test_parse_range_by_hand():
     assert parse_range("bytes=0-0", 10) == (0, 0)
     assert parse_range("bytes=-3", 10) == (7, 9)
     assert parse_range("bytes=-30", 10) == (0, 9)
-    assert parse_range("bytes=4-2", 10) is None
-    assert parse_range("bytes=-0", 10) is None
-    assert parse_range("items=0-1", 10) is None
     assert parse_range("bytes=2-3, 5-6", 10) == (2, 3)
+    assert parse_range("bytes=20-30, 5-6", 10) == (5, 6)  # the first satisfiable one
+    assert parse_range("bytes=0-" + "9" * 5000, 10) == (0, 9)
+    for ignored in ("bytes=4-2", "items=0-1", "bytes=", "bytes=-", "bytes=a-b", "bytes 0-1", "bytes=1-2,x"):
+        assert parse_range(ignored, 10) is None, ignored
+    for unsatisfiable in ("bytes=10-", "bytes=-0", "bytes=" + "9" * 5000 + "-"):
+        with pytest.raises(UnsatisfiableRange):
+            parse_range(unsatisfiable, 10)
 
 
 @pytest.mark.parametrize("path", [

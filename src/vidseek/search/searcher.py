@@ -19,9 +19,12 @@ index clients are bound to the thread that opened them, and a web server calls f
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 import threading
 import time
+import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -316,10 +319,29 @@ class Hit:
                 "recall_score": self.recall_score, "rerank_score": self.rerank_score, "score": self.score}
 
 
+@functools.cache
+def visible_character_pattern() -> str:
+    """A regular expression (Python and ECMA-262 alike, so the HTTP schema can carry it) matching
+    one visible character: anything but whitespace, controls (Cc, e.g. NUL) and format characters
+    (Cf, e.g. zero-width space) of the Basic Multilingual Plane."""
+    hidden = [code for code in range(0x10000) if chr(code).isspace() or unicodedata.category(chr(code)) in ("Cc", "Cf")]
+    runs: list[list[int]] = []
+    for code in hidden:
+        if runs and runs[-1][1] == code - 1:
+            runs[-1][1] = code
+        else:
+            runs.append([code, code])
+    return "[^" + "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in runs) + "]"
+
+
 def check_query(text: Any) -> str:
-    """A query must be a non-blank string of at most MAX_QUERY_CHARS characters."""
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError("empty search query: type some words that describe the video")
+    """A query must be a string of at most MAX_QUERY_CHARS characters with at least one visible
+    character (`visible_character_pattern`), and be valid Unicode (no lone surrogates, which no
+    UTF-8 text can hold)."""
+    if not isinstance(text, str) or re.search(visible_character_pattern(), text) is None:
+        raise ConfigError("empty search query (no visible characters): type some words that describe the video")
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise ConfigError("search query is not valid Unicode (it holds a lone surrogate); send UTF-8 text")
     if len(text) > MAX_QUERY_CHARS:
         raise ConfigError(f"search query is {len(text)} characters long; shorten it to at most {MAX_QUERY_CHARS}")
     return text.strip()

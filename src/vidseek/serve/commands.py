@@ -68,23 +68,6 @@ def index_cmd(
         typer.echo(f"  … and {len(summary.failures) - 20} more (see {out / 'index.json'})")
 
 
-def print_hits(hits: list, title: str, show_path: bool = True) -> None:
-    """A rich table of hits: rank, video, window, final/recall/rerank scores (and the file)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    columns = ["#", "video", "window (s)", "score", "recall", "rerank"] + (["file"] if show_path else [])
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for rank, hit in enumerate(hits, 1):
-        end = "?" if hit.end is None else f"{hit.end:.1f}"
-        rerank = "–" if hit.rerank_score is None else f"{hit.rerank_score:.4f}"
-        cells = [str(rank), hit.video_id, f"{hit.start:.1f}–{end}", f"{hit.score:.4f}", f"{hit.recall_score:.4f}", rerank]
-        table.add_row(*cells, *([hit.path] if show_path else []))
-    Console().print(table)
-
-
 def search_cmd(
     index: Path = typer.Argument(..., help="Index folder from `vidseek index`."),
     text: str = typer.Argument(..., help="What happens in the video."),
@@ -96,6 +79,7 @@ def search_cmd(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Search an index from the command line."""
+    from vidseek.search.hits_table import print_hits
     from vidseek.search.searcher import Searcher
 
     with Searcher(index, device=device, beams=beams) as searcher:
@@ -109,29 +93,37 @@ def search_cmd(
 def serve_cmd(
     index: Path = typer.Argument(..., help="Index folder from `vidseek index`."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)."),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Serve the search API and web page (http://HOST:PORT/, API docs at /docs)."""
-    import uvicorn
-
     from vidseek.serve.app import create_app
+    from vidseek.serve.server import serve
 
-    app = create_app(index, device=device)
-    typer.echo(f"vidseek: serving {index} at http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serve(lambda: create_app(index, device=device), host, port,
+          lambda url: typer.echo(f"vidseek: serving {index} at {url} (API docs at /docs)"))
 
 
 def demo_cmd(
     no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the example queries."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Work folder (default ~/.cache/vidseek/demo)."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)."),
 ) -> None:
     """Synthetic videos → train a tiny model → index → example queries → web UI, in minutes on a CPU."""
     from vidseek.search.demo import run_demo
+    from vidseek.serve.server import check_port
 
-    run_demo(cache=cache, serve=not no_serve, host=host, port=port)
+    if not no_serve:
+        check_port(port)  # before minutes of work
+    result = run_demo(cache=cache)
+    if no_serve:
+        return
+    from vidseek.serve.app import create_app
+    from vidseek.serve.server import serve
+
+    serve(lambda: create_app(result.index_dir), host, port,
+          lambda url: typer.echo(f"[demo] open {url} (Ctrl-C to stop)"))
 
 
 def register(cli: typer.Typer) -> None:
