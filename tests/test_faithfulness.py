@@ -325,6 +325,9 @@ def _changed(value):
         return 3
     if isinstance(value, (int, float)):
         return value * 2 + 1
+    hard_negative_sources = ("none", "groups", "mined")  # a field that validates its value
+    if value in hard_negative_sources:
+        return hard_negative_sources[(hard_negative_sources.index(value) + 1) % 3]
     return f"not-{value}"
 
 

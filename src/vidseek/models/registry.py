@@ -98,7 +98,7 @@ FIXED_TRAIN_FIELDS: dict[str, dict[str, Any]] = {
     "twotower": {"sampling": "uniform"},
     "tcmgc": {"sampling": "uniform"},
     "pig": {"sampling": "uniform"},
-    "grdr": {"sampling": "uniform", "warmup_fraction": 0.0, "micro_batch_size": None, "hard_negatives": False,
+    "grdr": {"sampling": "uniform", "warmup_fraction": 0.0, "micro_batch_size": None, "hard_negatives": "none",
              "eval_every": None},
 }
 
