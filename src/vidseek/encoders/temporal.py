@@ -3,8 +3,15 @@
 Also the temporal encoder of X-CLIP and TC-MGC (paper 004, §3.2: "a temporal transformer with
 4 layers"). frames [B,T,D] → + learned frame position embedding → CLIP-style residual attention
 blocks (masked so padded frames are never attended to) → + the input (residual) → [B,T,D].
+
+Initialisation: random without pretrained CLIP weights. With them, `init_from_text_tower` does
+what the CLIP4Clip release does when it loads OpenAI weights (its "initialization trick", which
+TC-MGC and X-CLIP inherit): block i starts as the CLIP text transformer's residual block i, and
+the frame position embedding as the text positional embedding's first rows.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +54,34 @@ class TemporalTransformer(nn.Module):
         heads = heads or max(1, width // 64)
         self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
         nn.init.normal_(self.frame_position.weight, std=0.01)
+
+    @torch.no_grad()
+    def init_from_text_tower(self, clip_model: nn.Module) -> bool:
+        """Copy the open_clip text tower's first blocks and positional rows in (CLIP4Clip release).
+
+        Blocks beyond the text tower's depth and frame positions beyond its context keep their
+        random init (as in the release, which copies what exists). The head count stays this
+        encoder's own (the release's width // 64, equal to the text tower's in OpenAI's CLIPs).
+        Returns False, with a warning, when the widths differ so nothing can be copied (not the
+        case for any OpenAI CLIP; our `tiny` config has text width 96 but joint width 64).
+        """
+        text_blocks = clip_model.transformer.resblocks
+        width, own_width = clip_model.transformer.width, self.frame_position.embedding_dim
+        if width != own_width:
+            warnings.warn(f"temporal encoder ({own_width} wide) cannot start from the CLIP text tower "
+                          f"({width} wide): it keeps its random initialisation", stacklevel=2)
+            return False
+        for block, text_block in zip(self.blocks, text_blocks):
+            if not (isinstance(text_block.ls_1, nn.Identity) and isinstance(text_block.ls_2, nn.Identity)):
+                raise ValueError("the CLIP text tower uses layer scale, which the temporal encoder's blocks lack")
+            block.ln_1.load_state_dict(text_block.ln_1.state_dict())
+            block.attn.load_state_dict(text_block.attn.state_dict())
+            block.ln_2.load_state_dict(text_block.ln_2.state_dict())
+            block.mlp[0].load_state_dict(text_block.mlp.c_fc.state_dict())
+            block.mlp[2].load_state_dict(text_block.mlp.c_proj.state_dict())
+        rows = min(self.frame_position.num_embeddings, clip_model.positional_embedding.shape[0])
+        self.frame_position.weight[:rows].copy_(clip_model.positional_embedding[:rows])
+        return True
 
     def forward(self, frames: Tensor, mask: Tensor | None = None) -> Tensor:
         b, t, _ = frames.shape

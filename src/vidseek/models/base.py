@@ -111,6 +111,10 @@ class RetrievalModel(nn.Module, metaclass=abc.ABCMeta):
         super().__init__()
         self.clip = clip
 
+    def start_from_pretrained_clip(self) -> None:
+        """Called once after construction when `self.clip` holds pretrained weights (not for
+        random init): models initialise what their release initialises from the checkpoint."""
+
     # text side ---------------------------------------------------------------------------------
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         return self.clip.encode_text(tokens)

@@ -23,5 +23,11 @@ class LogitScale(torch.nn.Module):
         self.log_scale = torch.nn.Parameter(torch.tensor(float(init)).log())
         self.max_log = float(torch.tensor(max_value).log())
 
+    @torch.no_grad()
+    def copy_from_clip(self, clip_model: torch.nn.Module) -> None:
+        """Start from a loaded CLIP checkpoint's own (log) logit scale — 100 for OpenAI's — as
+        CLIP4Clip, X-CLIP and TC-MGC do by scoring with `clip.logit_scale.exp()`."""
+        self.log_scale.copy_(clip_model.logit_scale.detach().reshape(()))
+
     def forward(self) -> Tensor:
         return self.log_scale.clamp(max=self.max_log).exp()

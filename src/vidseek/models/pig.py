@@ -9,7 +9,7 @@ index size and the query cost are those of a two-tower model (the paper's centra
                     │ ITS: top-k patches by the video CLS's last-layer attention (max over heads)
                     ▼
     generator: Linear(D, D_text) → [BOS] tokens [EOS] → copy of the CLIP text transformer (causal)
-               → ln_final at EOS → text projection = pseudo-query q̂ [D]
+               → ln_final at EOS = pseudo-query q̂ [D_text] (the release: no text projection)
                     ▼
     fusion (X-Pool, 1 head): query q̂, keys/values the 4 + T CLS-type tokens
                LN1 → attention → out-proj → LN2 → a + Dropout(Linear(a)) → LN3 = video vector
@@ -26,17 +26,28 @@ Backbones (`PIGConfig.backbone`):
   temporal embedding (zero-initialised, row t for frame t) is added to frame t's CLS and
   patches. Attention (`vip_attention_mask`): the global tokens attend to every token; frame
   tokens attend to their own frame and the global tokens; padded frames are nobody's keys.
-* ``"frames"`` — the CLIP4Clip-style variant: each frame through the unchanged image tower
-  (`clip.encode_image(..., patches=True)`; works from extracted features too). Exactly: one
-  global token g = masked mean of the frame CLS features; frame tokens = the frame CLS
-  features; patch candidates = the masked time-mean of the patch tokens (the release's
-  "CLIP4clip+pig" mean-pools patches over time); as there is no video CLS to read attention
-  from, ITS ranks those patch candidates by cosine similarity to g (our substitute).
+* ``"frames"`` — the release's CLIP4Clip variant (`clip_vision_additional_config.type =
+  "CLIP4clip+pig"`): each frame through the unchanged image tower (`clip.encode_image(...,
+  patches=True)`; works from extracted features too). The generator reads the time-mean of
+  every token position — [frame CLS, patch 1 … patch P] averaged over the (real) frames, 1 + P
+  tokens — with no ITS; the fusion keys are the T frame CLS features; the pooled token g (the
+  baseline's video vector and the query of a fusion without generator) is the mean frame CLS.
+* ``"frames_ranked"`` — our earlier substitute, kept as a named option: generator input = g,
+  the T frame CLS features and the `its_topk` time-averaged patches most cosine-similar to g;
+  fusion keys = g and the frame CLS features.
 
 `generator=False, fusion=False` is PIG's own two-tower baseline on the same backbone: the
-video vector is the first global token (video CLS for "vip", g for "frames"). With only the
-generator, the video vector is the pseudo-query (the release without a fusioner); with only
-the fusion, the first global token is the query.
+video vector is the pooled token (video CLS for "vip", g for the frame backbones). With only
+the generator, the video vector is the pseudo-query (the release without a fusioner); with
+only the fusion, the pooled token is the query.
+
+The pseudo-query lives in the text tower's width (the release feeds it, unprojected, to the
+fusion and the generation loss, which needs text width = D as in every OpenAI CLIP). Where the
+widths differ (our `tiny` CLIP: 96 vs 64), set `pseudo_query_projection=True` to map it
+through a copy of the text projection, as the caption's sentence feature is.
+
+The logit scale starts at exp(4.60) ≈ 99.5, the release's `logit_scale_init_value` (it
+overwrites the checkpoint's value, with or without pretrained weights).
 
 Training stages (supp. Table S3): stage 1 pre-trains the generator alone (generation loss
 only, every other parameter frozen); stage 2 fine-tunes everything. A stage-1 checkpoint
@@ -67,7 +78,7 @@ from vidseek.models.losses import LogitScale, symmetric_infonce
 class PIGConfig:
     """PIG settings; defaults are the released MSR-VTT configuration (`pig_base_32.json`)."""
 
-    backbone: Literal["vip", "frames"] = "vip"
+    backbone: Literal["vip", "frames", "frames_ranked"] = "vip"
     num_extra_cls: int = 3  # CLIP-ViP "added_cls": 1 video CLS + 3 = 4 global tokens
     its_topk: int = 16  # patches the informativeness token selector keeps (supp. Fig. S1)
     generation_weight: float = 1.0  # weight of the generation loss in stage 2 (supp. Fig. S1); stage 1 uses it alone
@@ -77,6 +88,8 @@ class PIGConfig:
     fusion: bool = True
     infonce_reduction: Literal["sum", "mean"] = "sum"  # the release sums t2v and v2t
     max_frames: int = 64  # rows of the temporal embedding ("vip")
+    pseudo_query_projection: bool = False  # release: final-LN state at EOS, no text projection
+    logit_scale_init: float = math.exp(4.60)  # release `logit_scale_init_value` 4.60 (log space)
 
 
 @dataclass
@@ -85,6 +98,17 @@ class PIGFrameFeatures(FrameFeatures):
 
     global_tokens: Tensor | None = None  # [B, G, D] video CLS + extra CLS
     selected_patches: Tensor | None = None  # [B, k, D] ITS-selected patches, best first
+
+
+@dataclass
+class PIGTokens:
+    """A backbone's tokens as the generator and the fusion read them (all D wide)."""
+
+    generator_tokens: Tensor  # [B, N, D] the generator's input, between BOS and EOS
+    generator_valid: Tensor  # [B, N] bool, False at padded frames' tokens
+    keys: Tensor  # [B, K, D] the fusion's keys / values
+    key_mask: Tensor  # [B, K] bool
+    pooled: Tensor  # [B, D] the baseline's video vector; the fusion's query without a generator
 
 
 @dataclass
@@ -216,20 +240,31 @@ class PseudoQueryGenerator(nn.Module):
     [BOS] tokens [EOS] (BOS/EOS = the CLIP token-embedding rows of SOT 49406 / EOT 49407, fixed
     as in the release) plus the text positional embedding sliced to its length, through a
     SEPARATE copy of the CLIP text transformer (causal mask, initialised from the text tower),
-    its final LN, and the text projection, read at the EOS position.
+    and its final LN, read at the EOS position: the pseudo-query in the text width (release
+    `pick_eot` of `final_layer_norm`, no projection). With `project=True` it is then mapped by a
+    copy of the text projection to D (for CLIPs whose text width differs from D).
+
+    `positions`: rows of the positional embedding. The first rows copy the text tower's; a
+    longer input (the "frames" backbone's 1 + P tokens + BOS/EOS, more than a `tiny` text
+    tower's 32 positions) gets extra rows, initialised N(0, 0.01) as CLIP's own.
     """
 
-    def __init__(self, clip: nn.Module):
+    def __init__(self, clip: nn.Module, project: bool = False, positions: int = 0):
         super().__init__()
         text = clip.model
         width = text.transformer.width
         self.mapper = nn.Linear(clip.embed_dim, width)
         self.transformer = copy.deepcopy(text.transformer)
         self.ln_final = copy.deepcopy(text.ln_final)
-        self.positional_embedding = nn.Parameter(text.positional_embedding.detach().clone())
+        rows = max(positions, text.positional_embedding.shape[0])
+        self.positional_embedding = nn.Parameter(torch.empty(rows, width).normal_(std=0.01))
         proj = text.text_projection
-        self.text_projection = nn.Parameter(proj.detach().clone()) if isinstance(proj, nn.Parameter) \
-            else copy.deepcopy(proj)
+        if not project:
+            self.text_projection = None
+        elif isinstance(proj, nn.Parameter):
+            self.text_projection = nn.Parameter(proj.detach().clone())
+        else:
+            self.text_projection = copy.deepcopy(proj)
         self.register_buffer("bos_embedding", torch.empty(width))
         self.register_buffer("eos_embedding", torch.empty(width))
         self.copy_from(clip)
@@ -237,15 +272,15 @@ class PseudoQueryGenerator(nn.Module):
     @torch.no_grad()
     def copy_from(self, clip: nn.Module) -> None:
         """(Re)initialise everything but the mapper from the CLIP text tower (weights, BOS/EOS
-        rows and the MLP activation)."""
+        rows and the MLP activation); positional rows beyond the text tower's are kept."""
         text = clip.model
         self.transformer.load_state_dict(text.transformer.state_dict())
         self.ln_final.load_state_dict(text.ln_final.state_dict())
-        self.positional_embedding.copy_(text.positional_embedding)
+        self.positional_embedding[: text.positional_embedding.shape[0]].copy_(text.positional_embedding)
         proj = text.text_projection
-        if isinstance(proj, nn.Module):
+        if isinstance(self.text_projection, nn.Module):
             self.text_projection.load_state_dict(proj.state_dict())
-        else:
+        elif self.text_projection is not None:
             self.text_projection.copy_(proj)
         self.bos_embedding.copy_(text.token_embedding.weight[SOT_TOKEN_ID])
         self.eos_embedding.copy_(text.token_embedding.weight[EOT_TOKEN_ID])
@@ -278,7 +313,8 @@ class PseudoQueryGenerator(nn.Module):
         return self.read_at(seq, eos_index)
 
     def read_at(self, embeds: Tensor, eos_index: Tensor) -> Tensor:
-        """Input embeddings [B, L, D_text] → projected final-LN state at eos_index [B] → [B, D]."""
+        """Input embeddings [B, L, D_text] → final-LN state at eos_index [B] → [B, D_text]
+        (→ [B, D] through the text projection copy when the generator has one)."""
         length = embeds.shape[1]
         if length > self.positional_embedding.shape[0]:
             raise ConfigError(f"PIG's generator needs {length} positions but the text tower has "
@@ -289,6 +325,8 @@ class PseudoQueryGenerator(nn.Module):
         x = self.ln_final(self.transformer(x, attn_mask=causal))
         x = x[torch.arange(x.shape[0], device=x.device), eos_index]
         proj = self.text_projection
+        if proj is None:
+            return x
         return proj(x) if isinstance(proj, nn.Module) else x @ proj
 
 
@@ -334,8 +372,8 @@ class PIG(RetrievalModel):
     def __init__(self, clip: nn.Module, config: PIGConfig | None = None):
         super().__init__(clip)
         self.config = cfg = config or PIGConfig()
-        if cfg.backbone not in ("vip", "frames"):
-            raise ConfigError(f"unknown PIG backbone {cfg.backbone!r}: use 'vip' or 'frames'")
+        if cfg.backbone not in ("vip", "frames", "frames_ranked"):
+            raise ConfigError(f"unknown PIG backbone {cfg.backbone!r}: use 'vip', 'frames' or 'frames_ranked'")
         if cfg.stage not in (1, 2):
             raise ConfigError(f"PIG stage must be 1 (generator pre-training) or 2 (fine-tuning), got {cfg.stage}")
         if cfg.stage == 1 and not cfg.generator:
@@ -344,15 +382,22 @@ class PIG(RetrievalModel):
             raise ConfigError(f"unknown infonce_reduction {cfg.infonce_reduction!r}: use 'sum' or 'mean'")
         if cfg.its_topk < 1 or cfg.num_extra_cls < 0:
             raise ConfigError(f"PIG needs its_topk >= 1 and num_extra_cls >= 0, got {cfg.its_topk}, {cfg.num_extra_cls}")
-        # The frame backbone reads patch tokens from the unchanged image tower (and from extracted features).
-        self.needs_patches = cfg.backbone == "frames"
+        text_width = clip.model.transformer.width
+        if cfg.generator and not cfg.pseudo_query_projection and text_width != clip.embed_dim:
+            raise ConfigError(f"PIG's pseudo-query is the text tower's final-LN state (width {text_width}) but "
+                              f"{clip.name}'s joint width is {clip.embed_dim}; set pseudo_query_projection=True "
+                              "to map it through the text projection")
+        # The frame backbones read patch tokens from the unchanged image tower (and from extracted features).
+        self.needs_patches = cfg.backbone != "vip"
         # The "vip" backbone is its own video ViT: it cannot start from stored per-frame features,
         # so whoever embeds videos must decode frames and call `encode_frames`.
         self.needs_video_frames = cfg.backbone == "vip"
         self.vit = VideoViT(clip.model.visual, cfg.num_extra_cls, cfg.max_frames) if cfg.backbone == "vip" else None
-        self.generator = PseudoQueryGenerator(clip) if cfg.generator else None
+        # "frames" feeds all 1 + P time-averaged token positions, wrapped in BOS/EOS.
+        positions = 1 + clip.grid ** 2 + 2 if cfg.backbone == "frames" else 0
+        self.generator = PseudoQueryGenerator(clip, cfg.pseudo_query_projection, positions) if cfg.generator else None
         self.fusion = PseudoQueryFusion(clip.embed_dim, cfg.fusion_dropout) if cfg.fusion else None
-        self.logit_scale = LogitScale()
+        self.logit_scale = LogitScale(init=cfg.logit_scale_init)
         self.register_load_state_dict_post_hook(PIG._rederive_clip_copies)
         if cfg.stage == 1:
             for name, param in self.named_parameters():
@@ -398,43 +443,51 @@ class PIG(RetrievalModel):
             selected_patches=torch.gather(tokens, 1, chosen.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])),
         )
 
-    def video_tokens(self, feats: FrameFeatures) -> tuple[Tensor, Tensor, Tensor]:
-        """→ (global tokens [B, G, D], frame CLS [B, T, D], selected patches [B, k, D])."""
+    def video_tokens(self, feats: FrameFeatures) -> "PIGTokens":
+        """What the generator reads and the fusion attends to, per backbone (module docstring)."""
+        frame_mask = feats.mask.bool()
+        b = frame_mask.shape[0]
+        ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=frame_mask.device)  # noqa: E731
         if isinstance(feats, PIGFrameFeatures) and feats.global_tokens is not None:
-            return feats.global_tokens, feats.frames, feats.selected_patches
-        if self.config.backbone == "vip":
+            global_tokens, patches = feats.global_tokens, feats.selected_patches
+        elif self.config.backbone == "vip":
             raise ConfigError("PIG with backbone 'vip' runs its own video ViT on decoded frames: train in mode "
                               "'frames', or use backbone 'frames' for extracted per-frame features")
-        if feats.patches is None:
-            raise ConfigError("PIG with backbone 'frames' needs patch tokens: extract features with patches "
-                              "(the model sets needs_patches) or train in mode 'frames'")
-        mask = feats.mask.bool()
-        g = masked_mean(feats.frames, mask)  # [B, D]
-        patch_mean = masked_mean(feats.patches.flatten(2), mask).unflatten(-1, feats.patches.shape[2:])  # [B, P, D]
-        similarity = F.cosine_similarity(patch_mean, g.unsqueeze(1), dim=-1)  # [B, P]
-        candidates = torch.ones_like(similarity, dtype=torch.bool)
-        chosen = select_informative_tokens(similarity.unsqueeze(1), candidates, self.config.its_topk)
-        selected = torch.gather(patch_mean, 1, chosen.unsqueeze(-1).expand(-1, -1, patch_mean.shape[-1]))
-        return g.unsqueeze(1), feats.frames, selected
+        elif feats.patches is None:
+            raise ConfigError(f"PIG with backbone {self.config.backbone!r} needs patch tokens: extract features "
+                              "with patches (the model sets needs_patches) or train in mode 'frames'")
+        elif self.config.backbone == "frames":
+            # Release "CLIP4clip+pig": every token position averaged over the frames, no ITS.
+            tokens = torch.cat([feats.frames.unsqueeze(2), feats.patches], dim=2)  # [B, T, 1+P, D]
+            tokens = masked_mean(tokens.flatten(2), frame_mask).unflatten(-1, tokens.shape[2:])
+            return PIGTokens(generator_tokens=tokens, generator_valid=ones(tokens.shape[1]),
+                             keys=feats.frames, key_mask=frame_mask, pooled=tokens[:, 0])
+        else:  # "frames_ranked"
+            g = masked_mean(feats.frames, frame_mask)  # [B, D]
+            patch_mean = masked_mean(feats.patches.flatten(2), frame_mask).unflatten(-1, feats.patches.shape[2:])
+            similarity = F.cosine_similarity(patch_mean, g.unsqueeze(1), dim=-1)  # [B, P]
+            chosen = select_informative_tokens(similarity.unsqueeze(1), torch.ones_like(similarity, dtype=torch.bool),
+                                               self.config.its_topk)
+            patches = torch.gather(patch_mean, 1, chosen.unsqueeze(-1).expand(-1, -1, patch_mean.shape[-1]))
+            global_tokens = g.unsqueeze(1)
+        keys = torch.cat([global_tokens, feats.frames], dim=1)  # the G + T CLS-type tokens
+        key_mask = torch.cat([ones(global_tokens.shape[1]), frame_mask], dim=1)
+        return PIGTokens(generator_tokens=torch.cat([keys, patches], dim=1),
+                         generator_valid=torch.cat([key_mask, ones(patches.shape[1])], dim=1),
+                         keys=keys, key_mask=key_mask, pooled=global_tokens[:, 0])
 
     def encode_video_features(self, feats: FrameFeatures) -> PIGVideo:
-        global_tokens, frame_cls, patches = self.video_tokens(feats)
-        b, g = global_tokens.shape[:2]
-        frame_mask = feats.mask.bool()
-        ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=frame_mask.device)  # noqa: E731
-        cls_tokens = torch.cat([global_tokens, frame_cls], dim=1)  # the 4 + T CLS-type tokens
-        cls_mask = torch.cat([ones(g), frame_mask], dim=1)
+        tokens = self.video_tokens(feats)
         pseudo_query = None
         if self.generator is not None:
-            pseudo_query = self.generator(torch.cat([cls_tokens, patches], dim=1),
-                                          torch.cat([cls_mask, ones(patches.shape[1])], dim=1))
+            pseudo_query = self.generator(tokens.generator_tokens, tokens.generator_valid)
         if self.config.stage == 1:
             video = pseudo_query
         elif self.fusion is not None:
-            query = pseudo_query if pseudo_query is not None else global_tokens[:, 0]
-            video = self.fusion(query, cls_tokens, cls_mask)
+            query = pseudo_query if pseudo_query is not None else tokens.pooled
+            video = self.fusion(query, tokens.keys, tokens.key_mask)
         else:
-            video = pseudo_query if pseudo_query is not None else global_tokens[:, 0]
+            video = pseudo_query if pseudo_query is not None else tokens.pooled
         return PIGVideo(embedding=F.normalize(video, dim=-1), pseudo_query=pseudo_query)
 
     # scoring / training ----------------------------------------------------------------------
@@ -542,9 +595,12 @@ def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: 
                     reference=_PAPER_ANCHORS.get(ds, "") if part == "pig" else "",
                 ))
     # The synth recipe trains methods on frozen image-tower features (start from synth-clip-tiny
-    # with --init; stage 2 from stage 1), which only the "frames" backbone can read; the "vip"
-    # backbone re-runs its own video ViT on pixels (mode "frames").
+    # with --init; stage 2 from stage 1), which only the frame backbones can read; the "vip"
+    # backbone re-runs its own video ViT on pixels (mode "frames"). "frames" is the release's
+    # CLIP4Clip variant. The tiny CLIP's text width (96) is not its joint width (64), so the
+    # pseudo-query goes through the text projection (the release assumes equal widths).
     for part, model_config, what in _VARIANTS:
+        projection = {"pseudo_query_projection": True} if model_config.get("generator", True) else {}
         register(Preset(
             name=f"synth-{part}-tiny",
             description=f"{what} on the synthetic benchmark, tiny CLIP, frame backbone (CPU minutes)",
@@ -552,7 +608,7 @@ def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: 
             clip="tiny",
             frames=8,
             words=32,
-            model_config={"backbone": "frames", **model_config},
+            model_config={"backbone": "frames", **projection, **model_config},
             data_format="jsonl",
             train=synth_train(lr=1e-3, clip_lr_coef=1.0, hard_negatives=True),
         ))
@@ -562,6 +618,7 @@ __all__ = [
     "PIG",
     "PIGConfig",
     "PIGFrameFeatures",
+    "PIGTokens",
     "PIGVideo",
     "PseudoQueryFusion",
     "PseudoQueryGenerator",

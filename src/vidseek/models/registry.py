@@ -98,7 +98,11 @@ def model_classes(model: str) -> tuple[type, type]:
 
 
 def create_model(preset: Preset, weights: str | None = None):
-    """Build the preset's model on a CLIP backbone (random init unless `weights` is a local file)."""
+    """Build the preset's model on a CLIP backbone (random init unless `weights` is a local file).
+
+    With weights, the model then initialises from the checkpoint what its release does
+    (`RetrievalModel.start_from_pretrained_clip`: seqTransf from the text tower, logit scale).
+    """
     from vidseek.encoders import build_clip
 
     model_cls, config_cls = model_classes(preset.model)
@@ -107,7 +111,10 @@ def create_model(preset: Preset, weights: str | None = None):
         config = config_cls(**preset.model_config)
     except TypeError as err:
         raise ConfigError(f"preset {preset.name!r}: bad model_config for {preset.model}: {err}") from None
-    return model_cls(clip, config)
+    model = model_cls(clip, config)
+    if weights is not None:
+        model.start_from_pretrained_clip()
+    return model
 
 
 # --- presets ---------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class TCMGCConfig:
     attention_heads: int = 1
     dropout: float = 0.3  # on the residual FC of the LVA block
     isa_lambda: float = 100.0  # λ of ISA / Bi-ISA (Table 13; the release's `softmax_lambda`)
-    logit_scale_init: float = 100.0  # CLIP's pretrained logit scale, learnable, ≤ 100
+    logit_scale_init: float | None = None  # None: the loaded checkpoint's (release: clip.logit_scale), 1/0.07 from random init
     # named improvements (off = faithful to the release)
     text_mask: bool = False  # padding word positions get zero weight everywhere
     frame_mask: bool = False  # padded frames are never attended to / never counted
@@ -119,7 +119,7 @@ class TCMGCConfig:
                                   f"(k={kept_count(length, keep)} of {length}); lower the keep rate")
         if self.max_words < 1 or self.max_frames < 1 or self.attention_heads < 1:
             raise ConfigError("TC-MGC max_words, max_frames and attention_heads must be positive")
-        if self.isa_lambda <= 0 or self.logit_scale_init <= 0:
+        if self.isa_lambda <= 0 or (self.logit_scale_init is not None and self.logit_scale_init <= 0):
             raise ConfigError("TC-MGC isa_lambda and logit_scale_init must be positive")
 
     @property
@@ -341,7 +341,15 @@ class TCMGC(RetrievalModel):
         self.isa = nn.ParameterDict({name: nn.Parameter(torch.eye(n)) for name, n in sizes.items()})
         groups = len(cfg.granularities)
         self.lsa = nn.Parameter(torch.eye(groups)) if cfg.aggregation == "lsa" else None
-        self.logit_scale = LogitScale(init=cfg.logit_scale_init, max_value=100.0)
+        self.logit_scale = LogitScale(init=cfg.logit_scale_init or 1 / 0.07, max_value=100.0)
+
+    def start_from_pretrained_clip(self) -> None:
+        """The release (CLIP4Clip's loader) starts the temporal encoder from the text tower and
+        scores with the checkpoint's own logit scale."""
+        if self.temporal is not None:
+            self.temporal.init_from_text_tower(self.clip.model)
+        if self.config.logit_scale_init is None:
+            self.logit_scale.copy_from_clip(self.clip.model)
 
     def isa_sizes(self) -> dict[str, int]:
         """Side of each ISA matrix A (§3.5; the 'Params' columns of Tables 5–8 are their squares)."""

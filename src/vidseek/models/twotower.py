@@ -4,7 +4,11 @@ Text  = the CLIP text tower's EOT feature.
 Video = per-frame CLIP CLS features, optionally through the seqTransf temporal encoder
         (learned frame position embedding + 4 CLIP-style blocks + residual), then a masked mean.
 Score = cosine similarity; training loss = symmetric InfoNCE on cosine × a learnable logit scale
-        (init ln(1/0.07), clamped ≤ ln 100) — CLIP4Clip Eq. 8–10.
+        (clamped ≤ 100) — CLIP4Clip Eq. 8–10. It starts as the release does: from the loaded
+        CLIP checkpoint's own logit scale (100 for OpenAI weights), or 1/0.07 from random init.
+
+With pretrained weights the seqTransf encoder starts from the text tower's first layers and
+positional rows (CLIP4Clip's release; `TemporalTransformer.init_from_text_tower`).
 
 The L2-normalised mean-pooled video vector is also the dense index vector (`index_video`), so
 this model is a recall stage of the search cascade.
@@ -29,6 +33,7 @@ class TwoTowerConfig:
     pooling: Literal["meanP", "seqTransf"] = "meanP"
     temporal_layers: int = 4  # CLIP4Clip uses 4 layers for seqTransf
     max_frames: int = 64
+    logit_scale_init: float | None = None  # None: the loaded checkpoint's (release), 1/0.07 from random init
 
 
 class TwoTower(RetrievalModel):
@@ -47,7 +52,13 @@ class TwoTower(RetrievalModel):
             if self.config.pooling == "seqTransf"
             else None
         )
-        self.logit_scale = LogitScale()
+        self.logit_scale = LogitScale(init=self.config.logit_scale_init or 1 / 0.07)
+
+    def start_from_pretrained_clip(self) -> None:
+        if self.temporal is not None:
+            self.temporal.init_from_text_tower(self.clip.model)
+        if self.config.logit_scale_init is None:
+            self.logit_scale.copy_from_clip(self.clip.model)
 
     def encode_video_features(self, feats: FrameFeatures) -> Tensor:
         """[B,T,D] frame features → L2-normalised video vector [B,D] (CLIP4Clip's `get_video_avg`)."""
