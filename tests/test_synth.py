@@ -12,13 +12,11 @@ import pytest
 from vidseek.data.synth import (
     CAPTIONS_PER_VIDEO,
     COLOURS,
-    REGION_WORDS,
     SynthConfig,
     build_annotations,
     generate,
     object_states,
     order_swapped,
-    path_regions,
     render_clip,
 )
 from vidseek.errors import ConfigError
@@ -306,38 +304,3 @@ def test_invalid_config_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="train split"):
         build_annotations(SynthConfig(val_fraction=0.5, test_fraction=0.5))
 
-
-def _meta(objects, events):
-    return {"kind": "single", "background": {"colour": "black", "pattern": "plain", "seed": 0},
-            "objects": objects, "events": events}
-
-
-def test_path_regions_are_the_thirds_holding_each_path_centre():
-    circle = {"shape": "circle", "colour": "red", "size": "small", "x": 0.1, "y": 0.5}
-    square = {"shape": "square", "colour": "blue", "size": "small", "x": 0.5, "y": 0.9}
-    # The circle moves right by 0.40: its path runs 0.1 -> 0.5, centred at x = 0.3 (left third).
-    meta = _meta([circle, square], [{"object": 0, "motion": "right", "step": 0}])
-    assert path_regions(meta) == [(1, 0), (2, 1)]
-    meta = _meta([{**circle, "x": 0.2}], [{"object": 0, "motion": "right", "step": 0}])
-    assert path_regions(meta) == [(1, 1)]  # path 0.2 -> 0.6 is centred at 0.4
-
-
-def test_located_paraphrases_name_the_subjects_region_and_partners_share_it(dataset):
-    _, _, records = dataset
-    by_id = {r["video_id"]: r for r in records}
-    all_phrases = {phrase for words in REGION_WORDS.values() for phrase in words}
-    located = 0
-    for record in records:
-        meta = record["meta"]
-        assert not any(p in record["captions"][0] for p in all_phrases)  # the canonical caption has none
-        regions = path_regions(meta)
-        subjects = {e["object"] for e in meta["events"]}
-        allowed = {p for i in subjects for p in REGION_WORDS[regions[i]]}
-        for caption in record["captions"][1:]:
-            named = {p for p in all_phrases if p in caption}
-            assert named <= allowed, (caption, regions)
-            located += bool(named)
-        for link in meta["hard_negatives"]:
-            partner = by_id[link["video_id"]]["meta"]
-            assert [regions[i] for i in sorted(subjects)] == [path_regions(partner)[i] for i in sorted(subjects)]
-    assert located > 0.3 * len(records) * (CAPTIONS_PER_VIDEO - 1)

@@ -415,42 +415,10 @@ def _pick(rng: np.random.Generator | None, options: tuple[str, ...] | tuple) -> 
     return options[0] if rng is None else options[int(rng.integers(len(options)))]
 
 
-# Where in the frame an object's path is centred, by thirds of the frame: (row, column) -> words.
-REGION_WORDS: dict[tuple[int, int], tuple[str, ...]] = {
-    (0, 0): ("in the top left", "in the upper left corner"), (0, 1): ("at the top", "in the upper middle"),
-    (0, 2): ("in the top right", "in the upper right corner"), (1, 0): ("on the left", "at the left side"),
-    (1, 1): ("in the middle", "in the centre"), (1, 2): ("on the right", "at the right side"),
-    (2, 0): ("in the bottom left", "in the lower left corner"), (2, 1): ("at the bottom", "in the lower middle"),
-    (2, 2): ("in the bottom right", "in the lower right corner"),
-}
-LOCATION_PROBABILITY = 0.5  # share of paraphrases that say where an event's subject is
-
-
-def path_regions(meta: dict[str, Any]) -> list[tuple[int, int]]:
-    """Per object, the (row, column) third of the frame holding the centre of its path.
-
-    Partners share anchors (`_place`), so an order-swapped or one-attribute-changed twin gets the
-    same regions: location words never give a hard negative away, but they make the image tower
-    learn where objects are — without that, frame features carried no position at all and no
-    temporal model could tell "moves left" from "moves right" (docs/synthetic-recipe.md).
-    """
-    states = object_states(meta, _LAYOUT_TIMES)
-    centre_x = (states["x"].min(1) + states["x"].max(1)) / 2
-    centre_y = (states["y"].min(1) + states["y"].max(1)) / 2
-    third = lambda v: int(min(2, max(0, v * 3)))  # noqa: E731
-    return [(third(float(y)), third(float(x))) for x, y in zip(centre_x, centre_y)]
-
-
 def _caption(meta: dict[str, Any], rng: np.random.Generator | None) -> str:
     """One caption of the clip; `rng=None` gives the canonical one (first words, no extras)."""
     objects, events = meta["objects"], meta["events"]
     phrases = [_noun_phrase(rng, o) for o in objects]
-    located = rng is not None and rng.random() < LOCATION_PROBABILITY
-    if located:
-        regions = path_regions(meta)
-        subjects = sorted({e["object"] for e in events})
-        for i in subjects:
-            phrases[i] = f"{phrases[i]} {_pick(rng, REGION_WORDS[regions[i]])}"
     clauses, previous_subject = [], None
     for event in events:
         subject = "it" if event["object"] == previous_subject else phrases[event["object"]]
@@ -466,7 +434,7 @@ def _caption(meta: dict[str, Any], rng: np.random.Generator | None) -> str:
     if bystanders:
         one, several = _pick(rng, BYSTANDER_TEMPLATES)
         text += (one if len(bystanders) == 1 else several).format(d=" and ".join(bystanders))
-    if rng is not None and not located:  # a located caption skips the extras: it stays within 32 tokens
+    if rng is not None:
         text = _pick(rng, PREFIXES) + text
         where = rng.random()
         if where < 0.35:
