@@ -216,3 +216,171 @@ def test_every_preset_starts_at_its_release_temperature(square_clip, tmp_path):
             assert model.logit_scale().item() == pytest.approx(expected, rel=1e-5), (preset.name, path)
         checked.add(preset.model)
     assert checked == {"twotower", "tcmgc", "pig"}
+
+
+# --- GRDR honours the preset's CLIP learning-rate coefficient (fix 5) ----------------------------
+
+def test_grdr_optimiser_groups_carry_the_preset_coefficients(monkeypatch):
+    from vidseek.models.grdr import GRDR, GRDRConfig
+    from vidseek.train import grdr_train
+
+    torch.manual_seed(0)
+    clip = build_clip("tiny", context_length=WORDS)
+    config = GRDRConfig(embed_dim=64, num_views=2, levels=2, codebook_size=4, text_encoder="clip", decoder_layers=1,
+                        decoder_heads=4, kmeans_iters=3, lr=2e-3, new_codebook_lr_scale=10.0)
+    seen = []
+    original = grdr_train._optimizer
+    monkeypatch.setattr(grdr_train, "_optimizer", lambda *a: seen.append(original(*a)) or seen[-1])
+    captions = [["a red circle moves left", "a red circle goes left"], ["a blue square grows"],
+                ["a green star rotates", "a star spins"], ["a yellow dot blinks"]]
+    model = grdr_train.train_grdr(torch.randn(4, 64), captions, config, steps_per_phase=1, batch_size=2, seed=0,
+                                  progress=False, clip_backbone=clip, clip_lr_coef=1e-3)
+    assert len(seen) == 3 * config.levels  # a fresh optimiser per phase, as the release
+    backbone = {id(p) for p in model.retriever.text_encoder.backbone.parameters()}
+    for optimiser in seen:
+        lrs = {g["name"]: g["lr"] for g in optimiser.param_groups}
+        assert lrs["clip"] == pytest.approx(2e-6)  # lr × clip_lr_coef: the pretrained text tower
+        assert lrs["new"] == pytest.approx(2e-3)
+        clip_group = next(g for g in optimiser.param_groups if g["name"] == "clip")
+        assert {id(p) for p in clip_group["params"]} <= backbone
+        others = [p for g in optimiser.param_groups if g["name"] != "clip" for p in g["params"]]
+        assert not any(id(p) in backbone for p in others)
+    assert [g["lr"] for g in seen[1].param_groups if g["name"] == "new_codebook"] == [pytest.approx(2e-2)]
+
+
+def test_grdr_run_passes_the_preset_coefficient(monkeypatch, tmp_path):
+    """`train_grdr_run` hands `train.clip_lr_coef` to `train_grdr` (not the library default 1.0)."""
+    from vidseek.models.registry import get_preset
+    from vidseek.train import grdr_run
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_grdr(*args, **kwargs):
+        raise Stop(kwargs["clip_lr_coef"])
+
+    preset = get_preset("msrvtt9k-grdr-b32")
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(grdr_run, "load_dense", lambda *a, **k: SimpleNamespace(model=SimpleNamespace(clip=None)))
+    monkeypatch.setattr(grdr_run, "dense_preset", lambda loaded: get_preset("msrvtt9k-seqtransf-b32"))
+    monkeypatch.setattr(grdr_run, "model_source", lambda *a: type("S", (), {"usable": [0, 1]})())
+    monkeypatch.setattr(grdr_run, "index_vectors", lambda *a: torch.randn(2, 512))
+    monkeypatch.setattr(grdr_run, "captions_per_video", lambda *a: [["x"], ["y"]])
+    monkeypatch.setattr("vidseek.train.runs.load_split", lambda *a: None)
+    monkeypatch.setattr("vidseek.train.grdr_train.train_grdr", fake_train_grdr)
+    with pytest.raises(Stop) as stop:
+        grdr_run.train_grdr_run(preset, tmp_path / "data", tmp_path / "run", init_from="dense.pt", progress=False)
+    assert stop.value.args[0] == pytest.approx(1e-3)
+
+
+def test_grdr_refuses_a_dense_run_that_does_not_match_the_preset():
+    from vidseek.models.registry import get_preset
+    from vidseek.train.grdr_run import check_matches_dense
+
+    check_matches_dense(get_preset("msrvtt9k-grdr-b32"), get_preset("msrvtt9k-seqtransf-b32"))
+    with pytest.raises(ConfigError, match="frames=12"):
+        check_matches_dense(get_preset("msrvtt9k-grdr-b32"), get_preset("didemo-seqtransf-b32"))
+    with pytest.raises(ConfigError, match="clip='ViT-B-32'"):
+        check_matches_dense(get_preset("msrvtt9k-grdr-b32"), get_preset("msrvtt9k-seqtransf-b16"))
+
+
+# --- no preset option is silently ignored (fix 5) ------------------------------------------------
+
+#: Preset fields that describe a preset rather than configure training.
+METADATA_FIELDS = {"name", "description", "reference"}
+#: Where each model kind's training reads its preset (the modules its `vidseek train` runs).
+TRAINING_MODULES = {
+    "twotower": ("vidseek.train.loop", "vidseek.train.runs", "vidseek.models.registry"),
+    "grdr": ("vidseek.train.grdr_run", "vidseek.train.runs"),
+}
+TRAINING_MODULES["tcmgc"] = TRAINING_MODULES["pig"] = TRAINING_MODULES["twotower"]
+
+
+def _fields_read(module_names) -> tuple[set[str], set[str]]:
+    """(TrainConfig fields read as `cfg.X` / `….train.X`, Preset fields read as `preset.X`)."""
+    import ast
+    import importlib
+    import inspect
+
+    train_fields, preset_fields = set(), set()
+    for name in module_names:
+        tree = ast.parse(inspect.getsource(importlib.import_module(name)))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            value = node.value
+            if (isinstance(value, ast.Name) and value.id == "cfg") or (isinstance(value, ast.Attribute) and value.attr == "train"):
+                train_fields.add(node.attr)
+            if isinstance(value, ast.Name) and value.id == "preset":
+                preset_fields.add(node.attr)
+    return train_fields, preset_fields
+
+
+def _changed(value):
+    """A value other than `value`, of a type the field accepts."""
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 3
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    return f"not-{value}"
+
+
+def test_every_preset_field_is_read_or_refused_for_every_model_kind(tmp_path):
+    import dataclasses
+
+    from vidseek.models.registry import FIXED_TRAIN_FIELDS, MODEL_BUILDERS, Preset, TrainConfig, list_presets
+    from vidseek.train.loop import train
+    from vidseek.train.runs import KIND_TRAINERS
+
+    kinds = {p.model for p in list_presets()}
+    assert kinds == set(MODEL_BUILDERS) | set(KIND_TRAINERS) == set(TRAINING_MODULES) == set(FIXED_TRAIN_FIELDS)
+    for kind in sorted(kinds):
+        train_read, preset_read = _fields_read(TRAINING_MODULES[kind])
+        fixed = FIXED_TRAIN_FIELDS[kind]
+        preset = next(p for p in list_presets() if p.model == kind and p.name.startswith("synth-"))
+        for field in dataclasses.fields(TrainConfig):
+            if field.name in fixed:
+                # refused, before any data is read, when set to anything but what the kind does
+                bad = preset.with_overrides(**{field.name: _changed(fixed[field.name])})
+                with pytest.raises(ConfigError, match=f"train.{field.name}"):
+                    train(bad, tmp_path / "no-data", tmp_path / f"{kind}-{field.name}", progress=False)
+            else:
+                assert field.name in train_read, f"{kind} training never reads train.{field.name}"
+        for field in dataclasses.fields(Preset):
+            if field.name in METADATA_FIELDS or field.name == "train":
+                continue
+            assert field.name in preset_read, f"{kind} training never reads preset.{field.name}"
+
+
+def test_grdr_kmeans_clusters_unnormalised_prefix_centred_residuals_per_caption(monkeypatch):
+    """Release `encode_epoch`: one point per training caption (its video's residual under its
+    routed view), not L2-normalised, shifted by (global mean − its earlier-code group's mean)."""
+    import numpy as np
+
+    from vidseek.models.grdr import GRDR, GRDRConfig
+    from vidseek.train import grdr_train
+
+    torch.manual_seed(0)
+    model = GRDR(GRDRConfig(embed_dim=8, num_views=2, levels=2, codebook_size=2, decoder_layers=1, decoder_heads=2,
+                            text_width=16, text_layers=1, text_heads=2, context_length=12)).eval()
+    feats = torch.randn(3, 8) * 5
+    sample_video, sample_view = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0])
+    stored = np.full((3, 2, 2), -1)
+    stored[:, :, 0] = [[0, 1], [1, 1], [0, 0]]  # level-0 codes per (video, view)
+    seen = {}
+    monkeypatch.setattr(grdr_train, "kmeans", lambda points, k, iters, gen: seen.setdefault("points", points)[:k])
+    grdr_train._init_codebook(model, feats, 1, torch.Generator().manual_seed(0), sample_video, sample_view, stored)
+    with torch.no_grad():
+        tok = model.tokenizer
+        latents = tok.latents(feats)
+        residual = latents - tok.codebooks[0][tok.quantize_level(latents, 0).codes]
+    raw = residual[sample_video, sample_view]  # prefixes of the 4 captions: 0, 1, 1, 0
+    groups = [[0, 3], [1, 2]]
+    expected = raw.clone()
+    for g in groups:
+        expected[g] = raw[g] - raw[g].mean(0) + raw.mean(0)
+    torch.testing.assert_close(seen["points"], expected)
+    assert not torch.allclose(seen["points"].norm(dim=-1), torch.ones(4))  # not normalised

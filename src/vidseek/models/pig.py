@@ -32,12 +32,9 @@ Backbones (`PIGConfig.backbone`):
   every token position — [frame CLS, patch 1 … patch P] averaged over the (real) frames, 1 + P
   tokens — with no ITS; the fusion keys are the T frame CLS features; the pooled token g (the
   baseline's video vector and the query of a fusion without generator) is the mean frame CLS.
-* ``"frames_ranked"`` — our earlier substitute, kept as a named option: generator input = g,
-  the T frame CLS features and the `its_topk` time-averaged patches most cosine-similar to g;
-  fusion keys = g and the frame CLS features.
 
 `generator=False, fusion=False` is PIG's own two-tower baseline on the same backbone: the
-video vector is the pooled token (video CLS for "vip", g for the frame backbones). With only
+video vector is the pooled token (video CLS for "vip", g for "frames"). With only
 the generator, the video vector is the pseudo-query (the release without a fusioner); with
 only the fusion, the pooled token is the query.
 
@@ -78,7 +75,7 @@ from vidseek.models.losses import LogitScale, symmetric_infonce
 class PIGConfig:
     """PIG settings; defaults are the released MSR-VTT configuration (`pig_base_32.json`)."""
 
-    backbone: Literal["vip", "frames", "frames_ranked"] = "vip"
+    backbone: Literal["vip", "frames"] = "vip"
     num_extra_cls: int = 3  # CLIP-ViP "added_cls": 1 video CLS + 3 = 4 global tokens
     its_topk: int = 16  # patches the informativeness token selector keeps (supp. Fig. S1)
     generation_weight: float = 1.0  # weight of the generation loss in stage 2 (supp. Fig. S1); stage 1 uses it alone
@@ -372,8 +369,8 @@ class PIG(RetrievalModel):
     def __init__(self, clip: nn.Module, config: PIGConfig | None = None):
         super().__init__(clip)
         self.config = cfg = config or PIGConfig()
-        if cfg.backbone not in ("vip", "frames", "frames_ranked"):
-            raise ConfigError(f"unknown PIG backbone {cfg.backbone!r}: use 'vip', 'frames' or 'frames_ranked'")
+        if cfg.backbone not in ("vip", "frames"):
+            raise ConfigError(f"unknown PIG backbone {cfg.backbone!r}: use 'vip' or 'frames'")
         if cfg.stage not in (1, 2):
             raise ConfigError(f"PIG stage must be 1 (generator pre-training) or 2 (fine-tuning), got {cfg.stage}")
         if cfg.stage == 1 and not cfg.generator:
@@ -387,8 +384,8 @@ class PIG(RetrievalModel):
             raise ConfigError(f"PIG's pseudo-query is the text tower's final-LN state (width {text_width}) but "
                               f"{clip.name}'s joint width is {clip.embed_dim}; set pseudo_query_projection=True "
                               "to map it through the text projection")
-        # The frame backbones read patch tokens from the unchanged image tower (and from extracted features).
-        self.needs_patches = cfg.backbone != "vip"
+        # The frame backbone reads patch tokens from the unchanged image tower (and from extracted features).
+        self.needs_patches = cfg.backbone == "frames"
         # The "vip" backbone is its own video ViT: it cannot start from stored per-frame features,
         # so whoever embeds videos must decode frames and call `encode_frames`.
         self.needs_video_frames = cfg.backbone == "vip"
@@ -448,33 +445,24 @@ class PIG(RetrievalModel):
         frame_mask = feats.mask.bool()
         b = frame_mask.shape[0]
         ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=frame_mask.device)  # noqa: E731
-        if isinstance(feats, PIGFrameFeatures) and feats.global_tokens is not None:
-            global_tokens, patches = feats.global_tokens, feats.selected_patches
-        elif self.config.backbone == "vip":
+        if isinstance(feats, PIGFrameFeatures) and feats.global_tokens is not None:  # "vip"
+            keys = torch.cat([feats.global_tokens, feats.frames], dim=1)  # the 4 + T CLS-type tokens
+            key_mask = torch.cat([ones(feats.global_tokens.shape[1]), frame_mask], dim=1)
+            patches = feats.selected_patches
+            return PIGTokens(generator_tokens=torch.cat([keys, patches], dim=1),
+                             generator_valid=torch.cat([key_mask, ones(patches.shape[1])], dim=1),
+                             keys=keys, key_mask=key_mask, pooled=feats.global_tokens[:, 0])
+        if self.config.backbone == "vip":
             raise ConfigError("PIG with backbone 'vip' runs its own video ViT on decoded frames: train in mode "
                               "'frames', or use backbone 'frames' for extracted per-frame features")
-        elif feats.patches is None:
-            raise ConfigError(f"PIG with backbone {self.config.backbone!r} needs patch tokens: extract features "
-                              "with patches (the model sets needs_patches) or train in mode 'frames'")
-        elif self.config.backbone == "frames":
-            # Release "CLIP4clip+pig": every token position averaged over the frames, no ITS.
-            tokens = torch.cat([feats.frames.unsqueeze(2), feats.patches], dim=2)  # [B, T, 1+P, D]
-            tokens = masked_mean(tokens.flatten(2), frame_mask).unflatten(-1, tokens.shape[2:])
-            return PIGTokens(generator_tokens=tokens, generator_valid=ones(tokens.shape[1]),
-                             keys=feats.frames, key_mask=frame_mask, pooled=tokens[:, 0])
-        else:  # "frames_ranked"
-            g = masked_mean(feats.frames, frame_mask)  # [B, D]
-            patch_mean = masked_mean(feats.patches.flatten(2), frame_mask).unflatten(-1, feats.patches.shape[2:])
-            similarity = F.cosine_similarity(patch_mean, g.unsqueeze(1), dim=-1)  # [B, P]
-            chosen = select_informative_tokens(similarity.unsqueeze(1), torch.ones_like(similarity, dtype=torch.bool),
-                                               self.config.its_topk)
-            patches = torch.gather(patch_mean, 1, chosen.unsqueeze(-1).expand(-1, -1, patch_mean.shape[-1]))
-            global_tokens = g.unsqueeze(1)
-        keys = torch.cat([global_tokens, feats.frames], dim=1)  # the G + T CLS-type tokens
-        key_mask = torch.cat([ones(global_tokens.shape[1]), frame_mask], dim=1)
-        return PIGTokens(generator_tokens=torch.cat([keys, patches], dim=1),
-                         generator_valid=torch.cat([key_mask, ones(patches.shape[1])], dim=1),
-                         keys=keys, key_mask=key_mask, pooled=global_tokens[:, 0])
+        if feats.patches is None:
+            raise ConfigError("PIG with backbone 'frames' needs patch tokens: extract features with patches "
+                              "(the model sets needs_patches) or train in mode 'frames'")
+        # Release "CLIP4clip+pig": every token position averaged over the frames, no ITS.
+        tokens = torch.cat([feats.frames.unsqueeze(2), feats.patches], dim=2)  # [B, T, 1+P, D]
+        tokens = masked_mean(tokens.flatten(2), frame_mask).unflatten(-1, tokens.shape[2:])
+        return PIGTokens(generator_tokens=tokens, generator_valid=ones(tokens.shape[1]),
+                         keys=feats.frames, key_mask=frame_mask, pooled=tokens[:, 0])
 
     def encode_video_features(self, feats: FrameFeatures) -> PIGVideo:
         tokens = self.video_tokens(feats)
@@ -595,7 +583,7 @@ def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: 
                     reference=_PAPER_ANCHORS.get(ds, "") if part == "pig" else "",
                 ))
     # The synth recipe trains methods on frozen image-tower features (start from synth-clip-tiny
-    # with --init; stage 2 from stage 1), which only the frame backbones can read; the "vip"
+    # with --init; stage 2 from stage 1), which only the "frames" backbone can read; the "vip"
     # backbone re-runs its own video ViT on pixels (mode "frames"). "frames" is the release's
     # CLIP4Clip variant. The tiny CLIP's text width (96) is not its joint width (64), so the
     # pseudo-query goes through the text projection (the release assumes equal widths).

@@ -88,6 +88,30 @@ MODEL_BUILDERS: dict[str, str] = {
 }
 
 
+#: TrainConfig fields a model kind's training does not read, with the one value its training
+#: implements. A preset must hold that value (`check_preset_fields`): no option is silently
+#: ignored. Every kind trains on uniformly sampled frames (the frame cache and `vidseek extract`
+#: sample uniformly); GRDR trains on a dense run's video vectors at a constant learning rate (its
+#: release), with in-batch negatives over the whole batch (no hard-negative grouping, no gradient
+#: caching) and one validation at the end of its progressive schedule.
+FIXED_TRAIN_FIELDS: dict[str, dict[str, Any]] = {
+    "twotower": {"sampling": "uniform"},
+    "tcmgc": {"sampling": "uniform"},
+    "pig": {"sampling": "uniform"},
+    "grdr": {"sampling": "uniform", "warmup_fraction": 0.0, "micro_batch_size": None, "hard_negatives": False,
+             "eval_every": None},
+}
+
+
+def check_preset_fields(preset: Preset) -> None:
+    """ConfigError naming the first training option `preset` sets that its model kind ignores."""
+    for name, implemented in sorted(FIXED_TRAIN_FIELDS.get(preset.model, {}).items()):
+        value = getattr(preset.train, name)
+        if value != implemented:
+            raise ConfigError(f"preset {preset.name!r}: {preset.model} training does not use train.{name} "
+                              f"(set to {value!r}); set it to {implemented!r}, what {preset.model} training does")
+
+
 def model_classes(model: str) -> tuple[type, type]:
     try:
         module_name, model_cls, config_cls = MODEL_BUILDERS[model].split(":")

@@ -35,7 +35,7 @@ from vidseek.models.grdr import GRDR, GRDRConfig, GRDRRecall, candidate_hit_rate
 if TYPE_CHECKING:
     from vidseek.models.registry import Preset
     from vidseek.search.indexer import LoadedModel
-    from vidseek.train.loop import TrainResult
+    from vidseek.train.runs import TrainResult
 
 #: Sub-folder of a GRDR run holding train_grdr's phase-level resume state.
 STATE_DIR = "grdr_state"
@@ -74,12 +74,29 @@ def model_source(loaded: "LoadedModel", dataset: Any, progress: bool) -> Any:
     """The split's videos as `loaded` reads them, with ITS preset's frame count and mode (frames:
     the frame cache; features: the feature store, extracted on first use), cached in that model's
     run folder — so a dense run's own train/val caches are reused, as `vidseek eval` does."""
+    from vidseek.train.runs import video_source
+
+    return video_source(dense_preset(loaded), dataset, Path(loaded.checkpoint).parent, None, loaded.model, progress)
+
+
+def dense_preset(loaded: "LoadedModel") -> "Preset":
+    """The preset the dense run was trained with."""
     from vidseek.models.registry import Preset
     from vidseek.train.checkpoint import read_checkpoint
-    from vidseek.train.loop import video_source
 
-    preset = Preset.from_dict(read_checkpoint(loaded.checkpoint)["preset"])
-    return video_source(preset, dataset, Path(loaded.checkpoint).parent, None, loaded.model, progress)
+    return Preset.from_dict(read_checkpoint(loaded.checkpoint)["preset"])
+
+
+def check_matches_dense(preset: "Preset", dense: "Preset") -> None:
+    """GRDR reads videos and queries through the dense run (its CLIP, frames, mode and text
+    length), so the GRDR preset's own values must agree with that run's: a one-line error names
+    the first that differs."""
+    for name, ours, theirs in (("clip", preset.clip, dense.clip), ("frames", preset.frames, dense.frames),
+                               ("words", preset.words, dense.words), ("train.mode", preset.train.mode, dense.train.mode)):
+        if ours != theirs:
+            raise ConfigError(f"preset {preset.name} has {name}={ours!r} but the --init run ({dense.name}) was trained "
+                              f"with {theirs!r}; GRDR reads videos and queries through that run: pass a dense run "
+                              "that matches the preset")
 
 
 @torch.no_grad()
@@ -220,16 +237,24 @@ def grdr_config_for(preset: "Preset", embed_dim: int) -> GRDRConfig:
 
 
 def train_grdr_run(preset: "Preset", data: str | Path, out: str | Path, *, init_from: str | None = None,
-                   resume: bool = False, device: str | None = None, progress: bool = True) -> "TrainResult":
+                   resume: bool = False, device: str | None = None, progress: bool = True,
+                   weights: str | None = None, features: str | None = None,
+                   stop_after_steps: int | None = None) -> "TrainResult":
     """Train GRDR (`preset.model == "grdr"`) on the video vectors of the dense run `init_from`.
 
     Writes `out/best.pt`, `out/last.pt` (identical: no selection), `out/preset.json`,
     `out/grdr_log.jsonl` (per-step losses) and `out/grdr_state/` (phase-level resume: a killed run
-    continues after its last completed phase with `resume=True`).
+    continues after its last completed phase with `resume=True`). `weights`, `features` and
+    `stop_after_steps` (options of the contrastive loop) are refused: the dense run supplies the
+    CLIP and the video features, and GRDR resumes by phase.
     """
-    from vidseek.train.loop import TrainResult, load_split
+    from vidseek.train.runs import TrainResult, load_split
     from vidseek.utils import atomic_write_json, default_device
 
+    for option, value in (("--clip/--weights", weights), ("--features", features), ("stop_after_steps", stop_after_steps)):
+        if value is not None:
+            raise ConfigError(f"GRDR training does not take {option}: it reads CLIP and video features through the "
+                              "dense run given with --init")
     if not init_from:
         raise ConfigError(MISSING_INIT)
     device = device or default_device()
@@ -248,6 +273,7 @@ def train_grdr_run(preset: "Preset", data: str | Path, out: str | Path, *, init_
         return TrainResult(run_dir=run_dir, step=int(done["step"]), best=done["best"], final_val=done.get("val", {}))
 
     dense = load_dense(init_from, device)
+    check_matches_dense(preset, dense_preset(dense))
     train_ds = load_split(preset, data, "train")
     train_src = model_source(dense, train_ds, progress)
     usable = list(train_src.usable)
@@ -263,7 +289,7 @@ def train_grdr_run(preset: "Preset", data: str | Path, out: str | Path, *, init_
     backbone = copy.deepcopy(dense.model.clip) if config.text_encoder == "clip" else None
     model = train_grdr(vectors, captions, config, steps, preset.train.batch_size, preset.train.seed,
                        log_path=run_dir / STEP_LOG, progress=progress, checkpoint_dir=state_dir,
-                       clip_backbone=backbone, device=device)
+                       clip_backbone=backbone, clip_lr_coef=preset.train.clip_lr_coef, device=device)
 
     val: dict[str, float] = {}
     val_ds = load_split(preset, data, "val")

@@ -3,12 +3,14 @@
 The semantic ID grows one level per loop (L loops). Loop l (learning level l) runs three phases:
 
 1. pretrain — contrastive 0.5 + earlier-code CE 0.5 (the new level is not used yet);
-2. k-means initialisation of codebook l on the level-l residuals of every (video, view);
+2. k-means initialisation of codebook l on the unnormalised level-l residuals, one per training
+   caption under its routed view, centred per earlier-code prefix (release `encode_epoch`);
 3. main — contrastive 0.2 / CE 0.5 / earlier 0.8 / reconstruction 0.1 / quantiser 0.3, with
    codebooks < l frozen and codebook l at 10× the learning rate;
 4. fit — tokenizer frozen, CE 1 + earlier 1 (the decoder catches up with the final codes).
 
-AdamW at a constant lr 1e-4, gradient clipping 1.0 (release). Teacher forcing uses the codes
+AdamW at a constant lr 1e-4, gradient clipping 1.0 (release); a pretrained CLIP text tower at
+lr × the preset's clip_lr_coef. Teacher forcing uses the codes
 stored at the end of the previous loop; CODE DRIFT = share of videos whose level-j codes (any
 view) changed between the end of one loop and the end of the next, recorded per level in
 `model.history["drift"]`. With `checkpoint_dir`, training state is saved after every phase and a
@@ -98,24 +100,43 @@ def _set_trainable(model: GRDR, phase: str, level: int) -> None:
             tok.codebooks[j].requires_grad_(False)
 
 
-def _optimizer(model: GRDR, level: int) -> torch.optim.AdamW:
+def _optimizer(model: GRDR, level: int, clip_lr_coef: float = 1.0) -> torch.optim.AdamW:
+    """AdamW groups: the new codebook at lr × new_codebook_lr_scale (release), a pretrained CLIP
+    text tower (text_encoder "clip") at lr × clip_lr_coef (the preset's CLIP coefficient, as every
+    vidseek model fine-tunes pretrained CLIP weights), everything else at lr."""
     cfg = model.config
     new_table = model.tokenizer.codebooks[level]
-    rest = [p for p in model.parameters() if p.requires_grad and p is not new_table]
-    groups: list[dict[str, Any]] = [{"params": rest, "lr": cfg.lr}]
+    encoder = model.retriever.text_encoder
+    pretrained = {id(p) for p in encoder.backbone.parameters()} if cfg.text_encoder == "clip" else set()
+    trainable = [p for p in model.parameters() if p.requires_grad and p is not new_table]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in trainable if id(p) not in pretrained], "lr": cfg.lr, "name": "new"},
+        {"params": [p for p in trainable if id(p) in pretrained], "lr": cfg.lr * clip_lr_coef, "name": "clip"},
+    ]
     if new_table.requires_grad:
-        groups.append({"params": [new_table], "lr": cfg.lr * cfg.new_codebook_lr_scale})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups.append({"params": [new_table], "lr": cfg.lr * cfg.new_codebook_lr_scale, "name": "new_codebook"})
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
-def _init_codebook(model: GRDR, video_feats: Tensor, level: int, generator: torch.Generator) -> None:
-    """k-means of the level-`level` residuals of every (video, view) → codebook `level`."""
+def _init_codebook(model: GRDR, video_feats: Tensor, level: int, generator: torch.Generator,
+                   sample_video: Tensor, sample_view: Tensor, stored: np.ndarray) -> None:
+    """k-means → codebook `level`, on the points the release clusters (`encode_epoch`): one per
+    training caption — the level-`level` residual of its video under the view it is routed to,
+    UNnormalised (the release clusters `residuals[level-1]`, not their L2 normalisation; the
+    quantiser normalises only to assign) — each shifted by (mean of all points − mean of the
+    points whose earlier codes `stored` equal its own) (release `norm_by_prefix`)."""
     tok = model.tokenizer
     residual = tok.latents(video_feats)
     for j in range(level):
         residual = residual - tok.codebooks[j][tok.quantize_level(residual, j).codes]
-    points = residual.reshape(-1, residual.shape[-1]).float().cpu()
+    points = residual[sample_video.to(residual.device), sample_view.to(residual.device)].float().cpu()
+    if level > 0:
+        prefixes = torch.from_numpy(stored[sample_video.numpy(), sample_view.numpy(), :level])
+        group = torch.unique(prefixes, dim=0, return_inverse=True)[1]
+        group_sums = torch.zeros(int(group.max()) + 1, points.shape[1]).index_add_(0, group, points)
+        group_means = group_sums / torch.bincount(group).unsqueeze(1)
+        points = points - group_means[group] + points.mean(dim=0)
     centres = kmeans(points, model.config.codebook_size, model.config.kmeans_iters, generator)
     tok.codebooks[level].data.copy_(centres.to(tok.codebooks[level].device))
 
@@ -138,6 +159,7 @@ def train_grdr(
     caption_embs: Sequence[Tensor | np.ndarray] | None = None,
     checkpoint_dir: str | Path | None = None,
     clip_backbone: torch.nn.Module | None = None,
+    clip_lr_coef: float = 1.0,
     device: str | torch.device = "cpu",
 ) -> GRDR:
     """Train GRDR on pooled video features [N, D] and each video's captions.
@@ -145,7 +167,8 @@ def train_grdr(
     Returns the trained model (eval mode) with `model.history` = {"steps": per-phase mean loss
     terms, "drift": [{"loop", "per_level"}], "diversity", "usage": per loop}. `caption_embs`
     (one [n_i, E] array per video) drive the query-guided routing; see `_caption_embeddings` for
-    the default. `log_path` receives one JSON line per step.
+    the default. `log_path` receives one JSON line per step. `clip_lr_coef` scales the learning
+    rate of `clip_backbone`'s (pretrained) text tower.
     """
     if video_feats.ndim != 2 or video_feats.shape[1] != config.embed_dim:
         raise DatasetError(f"video features must be [N, {config.embed_dim}], got {tuple(video_feats.shape)}; "
@@ -200,9 +223,9 @@ def train_grdr(
             steps = _steps_for(steps_per_phase, phase)
             if phase == "main":  # k-means init of the new level, after pretrain (release order)
                 gen = torch.Generator().manual_seed(seed * 1009 + loop)
-                _init_codebook(model, feats, loop, gen)
+                _init_codebook(model, feats, loop, gen, sample_video, sample_view, stored)
             _set_trainable(model, phase, loop)
-            optim = _optimizer(model, loop)
+            optim = _optimizer(model, loop, clip_lr_coef)
             weights = config.loss_weights[phase]
             model.train()
             # Per-phase generator: the sample order does not depend on whether we resumed.

@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from vidseek.errors import ConfigError, DatasetError
 from vidseek.models.base import FrameFeatures, LossOutput, RetrievalModel, tree_cat, tree_leaves, tree_map, tree_slice
-from vidseek.models.registry import Preset, create_model
+from vidseek.models.registry import Preset, check_preset_fields, create_model
 from vidseek.train.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
-from vidseek.train.data import EpochBatches, FrameCache, RawFrames, StoreSource
+from vidseek.train.data import EpochBatches, RawFrames
 from vidseek.train.distributed import DistInfo, all_gather_tree, average_gradients, barrier, broadcast_object, init_distributed
 from vidseek.train.optim import build_optimizer, build_scheduler
+from vidseek.train.runs import TrainResult, kind_trainer, load_split, video_source
 from vidseek.utils import atomic_write_json, default_device, seed_everything
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    best: dict[str, Any]
-    final_val: dict[str, float]
 
 
 # --- one optimisation step -------------------------------------------------------------------
@@ -79,43 +71,6 @@ def train_step(model: RetrievalModel, tokens: torch.Tensor, frames: RawFrames | 
     return out
 
 
-# --- data ------------------------------------------------------------------------------------
-
-def load_split(preset: Preset, data: str | Path, split: str):
-    from vidseek.data import load_dataset
-
-    return load_dataset(data, split, fmt=preset.data_format, **preset.data_options)
-
-
-def video_source(preset: Preset, dataset, run_dir: Path, features: str | Path | None, model: RetrievalModel,
-                 progress: bool):
-    """Frames (decoded once into the run's frame cache) or a feature store, per the preset's mode.
-
-    Feature mode without `features` extracts them into `run_dir/features` with the model's own
-    (frozen) image tower — e.g. the tower of the checkpoint given to `--init` — once, resumably.
-    """
-    image_size = model.clip.image_size
-    if preset.train.mode == "features":
-        from vidseek.store import FeatureStore
-
-        if features is None:
-            from vidseek.store.extract import extract
-
-            features = run_dir / "features"
-            extract(dataset.root, model.clip, features, frames=preset.frames, patches=model.needs_patches,
-                    progress=progress, device=str(model.device))
-        source = StoreSource(FeatureStore(features), [r.video_id for r in dataset.records], patches=model.needs_patches)
-        if len(source.usable) == 0:
-            raise DatasetError(f"feature store {features} has none of the {dataset.split} videos: run `vidseek extract` on {dataset.root}")
-        return source
-    if preset.train.mode != "frames":
-        raise ConfigError(f"unknown training mode {preset.train.mode!r}: use 'frames' or 'features'")
-    records = dataset.records
-    cache = FrameCache(run_dir / "frame_cache" / dataset.split, [r.path for r in records], preset.frames, image_size,
-                       starts=[r.start for r in records], ends=[r.end for r in records])
-    return cache.build(progress=progress)
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | None = None, features: str | None = None,
@@ -130,10 +85,11 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
     """
     from vidseek.eval.runner import evaluate_model
 
-    if preset.model == "grdr":  # generative recall trains on a dense model's video vectors
-        from vidseek.train.grdr_run import train_grdr_run
-
-        return train_grdr_run(preset, data, out, init_from=init_from, resume=resume, device=device, progress=progress)
+    check_preset_fields(preset)
+    own_training = kind_trainer(preset.model)
+    if own_training is not None:  # e.g. GRDR: generative recall trains on a dense model's video vectors
+        return own_training(preset, data, out, weights=weights, features=features, resume=resume, init_from=init_from,
+                            device=device, progress=progress, stop_after_steps=stop_after_steps)
     device = device or default_device()
     dist = init_distributed(device)
     if dist.enabled and device.startswith("cuda"):
