@@ -73,9 +73,33 @@ def preset_for(label: str, seed: int | None = None):
     return preset if seed is None else preset.with_overrides(seed=preset.train.seed + seed)
 
 
+def parent_seed(label: str, seed: int | None) -> int | None:
+    """The root row (the 'pretrained CLIP') is trained once and shared by every seed, as every
+    paper model starts from the same OpenAI CLIP; seeds vary the training of the methods."""
+    return None if BY_LABEL[label][1] is None else seed
+
+
+def shared_features(runs: Path, data: Path, frames: int) -> Path:
+    """One feature store (CLS + patch tokens, every split) from the root row's frozen image tower.
+
+    Every feature-mode row starts (directly or through PIG stage 1) from that tower and never
+    trains it, so all of them read the same features; extracting once instead of once per run
+    saves decoding the clips again for every row and seed.
+    """
+    from vidseek.store.extract import extract
+    from vidseek.train.checkpoint import load_model
+
+    root = CHAIN[0][0]
+    out = run_dir(runs, root) / f"features-{frames}f"
+    model, _ = load_model(run_dir(runs, root))
+    extract(data, model.clip, out, frames=frames, patches=True, progress=False)
+    return out
+
+
 def train_one(label: str, data: Path, runs: Path, seed: int | None = None) -> float:
     from vidseek.train.loop import train
 
+    seed = parent_seed(label, seed)
     out = run_dir(runs, label, seed)
     preset = preset_for(label, seed)
     init = BY_LABEL[label][1]
@@ -83,9 +107,10 @@ def train_one(label: str, data: Path, runs: Path, seed: int | None = None) -> fl
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x]
         if log and max(x["step"] for x in log) >= (preset.train.max_steps or 0) and (out / "best.pt").exists():
             return 0.0
+    features = shared_features(runs, data, preset.frames) if preset.train.mode == "features" else None
     t0 = time.perf_counter()
-    train(preset, data, out, init_from=str(run_dir(runs, init, seed)) if init else None,
-          resume=(out / "last.pt").exists(), progress=False)
+    train(preset, data, out, init_from=str(run_dir(runs, init, parent_seed(init, seed))) if init else None,
+          features=str(features) if features else None, resume=(out / "last.pt").exists(), progress=False)
     return time.perf_counter() - t0
 
 
@@ -95,10 +120,12 @@ def evaluate(label: str, data: Path, runs: Path, seed: int | None = None, outcom
     from vidseek.train.checkpoint import load_model
     from vidseek.train.loop import load_split, video_source
 
+    seed = parent_seed(label, seed)
     model, payload = load_model(run_dir(runs, label, seed))
     preset = Preset.from_dict(payload["preset"])
     test = load_split(preset, data, "test")
-    source = video_source(preset, test, run_dir(runs, label, seed), None, model, False)
+    features = shared_features(runs, data, preset.frames) if preset.train.mode == "features" else None
+    source = video_source(preset, test, run_dir(runs, label, seed), features, model, False)
     metrics = evaluate_model(model, test, source, preset.words, outcomes_out=outcomes_out)
     metrics["best_step"] = payload["step"]
     return metrics

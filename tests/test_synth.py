@@ -303,3 +303,4 @@ def test_invalid_config_is_a_one_line_error(tmp_path):
         generate(tmp_path, SynthConfig(num_videos=4, size=33), progress=False)
     with pytest.raises(ConfigError, match="train split"):
         build_annotations(SynthConfig(val_fraction=0.5, test_fraction=0.5))
+

@@ -104,7 +104,7 @@ def test_resume_continues_exactly(tiny_synth, tmp_path, name):
     lines = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "val.t2v.R@1" in x] == [3, 6]
     assert straight.best == resumed.best
-    assert straight.best["metric"] == "val.t2v.R@1"
+    assert straight.best["metric"] == preset.train.select_metric
 
 
 def test_existing_run_needs_resume_flag(tiny_synth, tmp_path):
