@@ -200,7 +200,12 @@ def verify_index(index_dir: str | Path, write_manifest: bool = False) -> tuple[l
     from vidseek.utils import atomic_write_json
 
     index_dir = Path(index_dir)
-    meta = read_index_json(index_dir)
+    if not (index_dir / INDEX_FILE).is_file():
+        read_index_json(index_dir)  # raises: no index here at all
+    try:
+        meta = read_index_json(index_dir)
+    except SearchIndexError as err:  # e.g. "…/index.json is damaged (not UTF-8 text); run …"
+        return [Problem(index_dir / INDEX_FILE, str(err).split(";")[0].split(INDEX_FILE, 1)[-1].strip())], {"files": 1}
     manifest = meta.get(MANIFEST_KEY) if isinstance(meta.get(MANIFEST_KEY), dict) else None
     files = sorted(manifest["files"]) if manifest else index_files(index_dir, meta)
     problems: list[Problem] = []
@@ -222,10 +227,10 @@ def verify_index(index_dir: str | Path, write_manifest: bool = False) -> tuple[l
         first_per_file.setdefault(problem.path, problem)
     problems = list(first_per_file.values())
     if manifest is None:
-        if problems or not write_manifest:
+        if not write_manifest:
             problems.append(Problem(index_dir / INDEX_FILE, "has no manifest (built by an older vidseek or an "
                                     "unfinished run): re-run `vidseek index`, or `vidseek verify --write-manifest`"))
-        else:
+        elif not problems:
             meta[MANIFEST_KEY] = make_manifest(index_dir, meta, counts, dim)
             atomic_write_json(index_dir / INDEX_FILE, meta)
     return problems, {"files": len(files), **counts}
