@@ -43,14 +43,19 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def clips_and_recall_model(tiny_synth: Path, root: Path, clips: int) -> tuple[Path, Path]:
+    """A folder with the first `clips` synthetic clips, and a random-init tiny meanP checkpoint."""
+    folder = root / "videos"
+    folder.mkdir()
+    for clip in sorted((tiny_synth / "videos" / "all").glob("*.mp4"))[:clips]:
+        shutil.copy(clip, folder / clip.name)
+    return folder, save_random_checkpoint(root / "recall.pt", "synth-meanp-tiny", seed=0)
+
+
 @pytest.fixture(scope="module")
 def clean(tiny_synth, tmp_path_factory):
     root = tmp_path_factory.mktemp("corruption")
-    folder = root / "videos"
-    folder.mkdir()
-    for clip in sorted((tiny_synth / "videos" / "all").glob("*.mp4"))[:CLIPS]:
-        shutil.copy(clip, folder / clip.name)
-    recall = save_random_checkpoint(root / "recall.pt", "synth-meanp-tiny", seed=0)
+    folder, recall = clips_and_recall_model(tiny_synth, root, CLIPS)
     build_index(folder, root / "index", recall=str(recall), workers=0, progress=False)
     with Searcher(root / "index") as searcher:
         reference = [h.to_dict() for h in searcher.search(QUERY, k=CLIPS, recall_k=CLIPS)]

@@ -24,7 +24,7 @@ from vidseek.errors import ConfigError, SearchIndexError
 from vidseek.search.indexer import build_index
 from vidseek.search.searcher import Searcher
 
-from test_search import save_random_checkpoint
+from reliability.test_corruption import clips_and_recall_model
 
 CLIPS = 8
 FIRST = 5  # clips of the first build in the "incremental add" kill point
@@ -95,11 +95,7 @@ def other_weights(checkpoint: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tiny_synth, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    folder = root / "videos"
-    folder.mkdir()
-    for clip in sorted((tiny_synth / "videos" / "all").glob("*.mp4"))[:CLIPS]:
-        shutil.copy(clip, folder / clip.name)
-    model_a = save_random_checkpoint(root / "a.pt", "synth-meanp-tiny", seed=0)
+    folder, model_a = clips_and_recall_model(tiny_synth, root, CLIPS)
     model_b = other_weights(model_a, root / "b.pt")
     build_index(folder, root / "clean", recall=str(model_a), workers=0, progress=False)
     return {"root": root, "folder": folder, "a": model_a, "b": model_b,

@@ -5,7 +5,6 @@ import the other. See `indexer` for what each file of an index folder holds.
 """
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any, Iterable, Sequence
 
 from vidseek.errors import SearchIndexError
 from vidseek.store.catalog import checkpoint_wal, named_database_errors
+from vidseek.utils import read_json_or_reason
 
 INDEX_FILE = "index.json"
 ENTRIES_FILE = "entries.sqlite"
@@ -37,11 +37,9 @@ def read_index_json(index_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SearchIndexError(f"no search index at {index_dir} (missing {INDEX_FILE}); "
                                f"build one with `vidseek index <videos> --recall CKPT --out {index_dir}`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
-        raise SearchIndexError(f"{path} is damaged ({reason}); {damaged_index_fix(index_dir)}") from None
+    meta, reason = read_json_or_reason(path)
+    if reason:
+        raise SearchIndexError(f"{path} is damaged ({reason}); {damaged_index_fix(index_dir)}")
     if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise SearchIndexError(f"{path} has index format {found!r}, this vidseek reads {INDEX_FORMAT}; "

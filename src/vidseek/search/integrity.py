@@ -25,6 +25,7 @@ from vidseek.search.entries import (ENTRIES_FILE, INDEX_FILE, RECALL_STATE_DIR, 
                                     read_index_json)
 from vidseek.store.manifest import build_manifest, check_manifest, sha256_of
 from vidseek.store.shards import CATALOG_FILE, SHARDS_DIR, STORE_CONFIG_FILE
+from vidseek.utils import read_json_or_reason
 
 MANIFEST_KEY = "manifest"
 MANIFEST_VERSION = 1
@@ -128,13 +129,8 @@ def _sqlite_problem(path: Path) -> str | None:
 
 
 def _json_problem(path: Path) -> str | None:
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        return "is not UTF-8 text"
-    except json.JSONDecodeError as err:
-        return f"is not valid JSON ({err.msg})"
-    return None
+    _, reason = read_json_or_reason(path)
+    return None if reason is None else f"is {reason}"
 
 
 def _content_problems(index_dir: Path, files: list[str]) -> list[Problem]:

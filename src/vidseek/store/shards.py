@@ -14,7 +14,6 @@ committing are not referenced by anything and are overwritten by the next append
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from vidseek.errors import ConfigError, DatasetError
 from vidseek.store.catalog import STATUS_OK, Catalog, CatalogRow, OkEntry
-from vidseek.utils import atomic_write_json
+from vidseek.utils import atomic_write_json, read_json_or_reason
 
 
 def next_location(committed_rows: Mapping[int, int], rows_per_shard: int) -> tuple[int, int]:
@@ -172,14 +171,11 @@ def read_store_config(root: str | Path) -> dict:
     if not config_path.is_file():
         raise DatasetError(f"no feature store at {root} (missing {STORE_CONFIG_FILE}); "
                            f"create one with `vidseek extract <videos> --out {root}`")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+    config, reason = read_json_or_reason(config_path)
+    if reason is None and (not isinstance(config, dict) or any(name not in config for name in _REQUIRED_SETTINGS)):
+        reason = "its settings are missing"
+    if reason:
         raise DatasetError(f"feature store config {config_path} is damaged ({reason}); run `vidseek verify` on its "
-                           f"index, or re-extract into a new --out folder") from None
-    if not isinstance(config, dict) or any(name not in config for name in _REQUIRED_SETTINGS):
-        raise DatasetError(f"feature store config {config_path} lacks its settings; run `vidseek verify` on its "
                            f"index, or re-extract into a new --out folder")
     return config
 
