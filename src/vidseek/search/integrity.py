@@ -57,7 +57,8 @@ def index_files(index_dir: Path, meta: dict[str, Any]) -> list[str]:
     recall_dir = index_dir / RECALL_STATE_DIR
     if recall_dir.is_dir():
         files += [p.relative_to(index_dir).as_posix() for p in sorted(recall_dir.rglob("*"))
-                  if p.is_file() and not p.name.startswith(_VOLATILE_PREFIXES)]
+                  if p.is_file() and not any(part.startswith(_VOLATILE_PREFIXES)
+                                             for part in p.relative_to(recall_dir).parts)]
     for store in store_dirs(meta):
         files += [f"{store}/{STORE_CONFIG_FILE}", f"{store}/{CATALOG_FILE}"]
         files += [p.relative_to(index_dir).as_posix() for p in sorted((index_dir / store / SHARDS_DIR).glob("*.bin"))]
