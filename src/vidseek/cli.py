@@ -1,6 +1,6 @@
 """`vidseek` command line (Typer). Every user mistake ends in one line `error: …` and exit 2.
 
-Commands: synth, extract, presets, train, eval, compare, plot, and the search-engine commands
+Commands: synth, extract, presets, train, eval, compare, plot, verify, and the search-engine commands
 (index, search, serve, demo) registered from `vidseek.serve.commands`.
 """
 from __future__ import annotations
@@ -228,6 +228,38 @@ def plot(
     typer.echo(f"wrote {out}")
 
 
+@cli.command()
+def verify(
+    index: Path = typer.Argument(..., help="Index folder from `vidseek index`."),
+    write_manifest: bool = typer.Option(False, "--write-manifest",
+                                        help="Give an index built by an older vidseek its manifest (when intact)."),
+) -> None:
+    """Check every file of an index (checksums, SQLite, JSON, counts, checkpoints): OK, or one line per damaged file."""
+    from vidseek.errors import SearchIndexError
+    from vidseek.search.integrity import verify_index
+
+    problems, summary = verify_index(index, write_manifest=write_manifest)
+    for problem in problems:
+        typer.echo(f"damaged: {problem}")
+    if problems:
+        raise SearchIndexError(f"{len(problems)} damaged file(s) in {index}; re-index (`vidseek index`) into a new "
+                               f"--out folder, or restore the files from a backup")
+    typer.echo(f"OK: {index}: {summary['files']} files match their checksums; {summary['entries']} entries, "
+               f"{summary['recall_vectors']} recall vectors")
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Click's usage errors, and those of the click copy that newer Typer versions vendor."""
+    import click
+
+    found: list[type[Exception]] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:
+        return tuple(found)
+    return (*found, TyperClickException)
+
+
 def _register_search_commands() -> None:
     try:
         from vidseek.serve import commands
@@ -253,10 +285,14 @@ def app() -> None:
     except Exception as err:  # click usage errors come through here in standalone_mode=False
         import click
 
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+        if isinstance(err, _usage_error_types()):
+            # One line with the fix, not a usage block (or, for Typer's copy of click, a traceback).
+            context = getattr(err, "ctx", None)
+            command = context.command_path if context is not None else "vidseek"
+            message = " ".join(err.format_message().split())
+            typer.echo(f"error: {message}; see `{command} --help`", err=True)
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, click.exceptions.Abort) or type(err).__name__ == "Abort":
             sys.exit(130)
         raise
 

@@ -46,6 +46,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_or_reason(path: str | Path) -> tuple[Any, str | None]:
+    """(parsed JSON, None), or (None, why it cannot be parsed: "not UTF-8 text" / the JSON error),
+    so each reader can name its file and fix in one line instead of a decode traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")), None
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON: {err.msg}"
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 

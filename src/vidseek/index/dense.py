@@ -223,6 +223,25 @@ def check_k(k: int) -> int:
     return int(k)
 
 
+def max_abs_score(index_type: str) -> float:
+    """The largest |inner product| this index can return for L2-normalised vectors: 1 for exact
+    vectors (plus float32 rounding); PQ codes approximate each vector, so their scores may
+    overshoot a little — a generous 2 keeps every honest score and rejects garbage like 4e22."""
+    return 2.0 if "pq" in index_type.lower() else 1.0 + 1e-3
+
+
+def check_scores(scores: np.ndarray, ids: np.ndarray, index_type: str, folder: str | Path) -> None:
+    """Scores no model can produce (non-finite, or beyond `max_abs_score`) mean damaged index
+    files: one line naming the folder and the fix, instead of ranking them."""
+    real = scores[ids >= 0]
+    bound = max_abs_score(index_type)
+    if real.size and not (np.isfinite(real).all() and np.abs(real).max() <= bound):
+        worst = real[~np.isfinite(real)][0] if not np.isfinite(real).all() else real[np.abs(real).argmax()]
+        raise SearchIndexError(
+            f"the dense index in {folder} returned score {float(worst):.4g}, impossible for unit vectors (|score| ≤ "
+            f"{bound:g}): its files are damaged; run `vidseek verify` on the index, then re-index")
+
+
 def last_occurrences(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop all but the last row of an id repeated within one add(): the last write wins."""
     reversed_unique, reversed_first = np.unique(ids[::-1], return_index=True)
@@ -273,8 +292,13 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise SearchIndexError(f"{meta_path} is unreadable ({err}); rebuild the index") from err
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or not UTF-8
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).splitlines()[0][:120]
+        raise SearchIndexError(f"{meta_path} is damaged ({reason}); run `vidseek verify` on the index, "
+                               f"then re-index") from None
+    if not isinstance(meta, dict):
+        raise SearchIndexError(f"{meta_path} is damaged (not a JSON object); run `vidseek verify` on the index, "
+                               f"then re-index")
     if meta.get("format") != DENSE_FORMAT or meta.get("version") != DENSE_FORMAT_VERSION:
         raise SearchIndexError(
             f"{meta_path} is not a {DENSE_FORMAT} v{DENSE_FORMAT_VERSION} index "

@@ -34,274 +34,25 @@ run are removed from the backend and added again, so a kill at any point leaves 
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from vidseek.errors import CheckpointError, ConfigError, SearchIndexError, VidseekError
-
-INDEX_FILE = "index.json"
-ENTRIES_FILE = "entries.sqlite"
-RECALL_STORE_DIR = "features"
-RERANK_STORE_DIR = "features-rerank"
-RECALL_STATE_DIR = "recall"
-THUMBNAIL_DIR = "thumbnails"
-INDEX_FORMAT = 1
+from vidseek.errors import CheckpointError, ConfigError, SearchIndexError
+# Re-exported: these lived here before the entry table and model loading got their own modules.
+from vidseek.search.entries import (ENTRIES_FILE, INDEX_FILE, INDEX_FORMAT, RECALL_STATE_DIR,  # noqa: F401
+                                    RECALL_STORE_DIR, RERANK_STORE_DIR, THUMBNAIL_DIR, Entry, EntryCatalog,
+                                    read_index_json)
+from vidseek.search.loading import (LoadedModel, decode_and_encode_frames, file_sha256,  # noqa: F401
+                                    image_tower_fingerprint, load_checkpoint_model, needs_video_frames,
+                                    stored_frame_features)
 # Keys encoded per recall-embedding batch (bounds memory; each batch is one catalog transaction).
 EMBED_BATCH = 256
 # How many per-video failures index.json keeps (the store catalogs keep all of them).
 FAILURES_KEPT = 100
-
-
-# --- the entry table -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Entry:
-    """One searchable item: a whole video or one window of a long one."""
-
-    id: int  # the dense index id
-    key: str  # feature-store key: video_id, or "video_id#k" for window k
-    video_id: str
-    path: str
-    start: float  # seconds in the file
-    end: float | None  # None when the file's duration is unknown
-    # The file's size and st_mtime_ns when it was indexed (None in indexes from before they were
-    # recorded): the server serves a file only while both still match.
-    size: int | None = None
-    mtime_ns: int | None = None
-
-_ENTRY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    key       TEXT NOT NULL UNIQUE,
-    video_id  TEXT NOT NULL,
-    path      TEXT NOT NULL,
-    start     REAL NOT NULL,
-    "end"     REAL,
-    ready     INTEGER NOT NULL DEFAULT 0,
-    size      INTEGER,
-    mtime_ns  INTEGER
-);
-CREATE INDEX IF NOT EXISTS entries_video ON entries (video_id);
-"""
-_ENTRY_COLUMNS = 'id, key, video_id, path, start, "end", size, mtime_ns'
-_FILE_COLUMNS = ("size", "mtime_ns")  # added after the first release: older tables get them on open
-
-
-def _file_identity(path: str) -> tuple[int | None, int | None]:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None, None
-    return info.st_size, info.st_mtime_ns
-
-
-class EntryCatalog:
-    """SQLite table of searchable entries; safe to share between threads (one lock)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_ENTRY_SCHEMA)
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-        for column in _FILE_COLUMNS:
-            if column not in present:
-                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} INTEGER")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
-        with self._lock:
-            return list(self._db.execute(sql, args))
-
-    def add_pending(self, rows: Sequence[tuple[str, str, str, float, float | None]]) -> list[int]:
-        """Insert (key, video_id, path, start, end) rows as not yet searchable, with the file's
-        current size and mtime; their new ids, in order."""
-        rows = [(*row, *_file_identity(row[2])) for row in rows]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                ids = [int(self._db.execute('INSERT INTO entries (key, video_id, path, start, "end", ready, size, '
-                                            "mtime_ns) VALUES (?,?,?,?,?,0,?,?)", row).lastrowid) for row in rows]
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        return ids
-
-    def mark_ready(self, ids: Iterable[int]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("UPDATE entries SET ready = 1 WHERE id = ?", [(int(i),) for i in ids])
-            self._db.execute("COMMIT")
-
-    def pending(self) -> list[Entry]:
-        return [Entry(*r) for r in self._query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE ready = 0 ORDER BY id")]
-
-    def keys(self) -> set[str]:
-        return {k for (k,) in self._query("SELECT key FROM entries")}
-
-    def get_many(self, ids: Sequence[int]) -> dict[int, Entry]:
-        """Ready entries for the ids that exist (unknown ids are simply absent)."""
-        found: dict[int, Entry] = {}
-        ids = [int(i) for i in ids]
-        for begin in range(0, len(ids), 500):
-            chunk = ids[begin:begin + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self._query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE ready = 1 AND id IN ({marks})", chunk):
-                found[row[0]] = Entry(*row)
-        return found
-
-    def video_entries(self, video_id: str) -> list[Entry]:
-        """Ready entries of one video, in time order ([] for an unknown id)."""
-        rows = self._query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE ready = 1 AND video_id = ? ORDER BY start, id",
-                           (video_id,))
-        return [Entry(*r) for r in rows]
-
-    def entries_of(self, video_ids: Sequence[str]) -> list[Entry]:
-        found: list[Entry] = []
-        for begin in range(0, len(video_ids), 500):
-            chunk = list(video_ids[begin:begin + 500])
-            marks = ",".join("?" * len(chunk))
-            found += [Entry(*r) for r in self._query(
-                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE video_id IN ({marks}) ORDER BY id", chunk)]
-        return found
-
-    def delete(self, ids: Iterable[int]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM entries WHERE id = ?", [(int(i),) for i in ids])
-            self._db.execute("COMMIT")
-
-    def counts(self) -> dict[str, int]:
-        """{'keys': ready entries, 'videos': distinct videos among them}."""
-        ((keys, videos),) = self._query("SELECT COUNT(*), COUNT(DISTINCT video_id) FROM entries WHERE ready = 1")
-        return {"keys": int(keys), "videos": int(videos)}
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def image_tower_fingerprint(model: Any) -> str:
-    """sha256 over the image tower's architecture name and weights: equal ⇒ identical frame features."""
-    digest = hashlib.sha256(str(getattr(model.clip, "name", "")).encode())
-    for name, tensor in sorted(model.clip.model.visual.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint loaded for indexing or search, with what the index records about it."""
-
-    model: Any  # RetrievalModel
-    checkpoint: str  # resolved checkpoint file
-    sha256: str
-    preset: str
-    frames: int
-    words: int
-
-    def describe(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "sha256": self.sha256, "model": self.model.name,
-                "preset": self.preset, "frames": self.frames, "words": self.words}
-
-
-def load_checkpoint_model(checkpoint: str | Path, device: str = "cpu", expected_sha256: str | None = None) -> LoadedModel:
-    """Load a vidseek checkpoint; with `expected_sha256`, refuse a file that changed since indexing."""
-    from vidseek.models.registry import Preset
-    from vidseek.train.checkpoint import load_model
-
-    path = Path(checkpoint).expanduser()
-    if expected_sha256 is not None:
-        if not path.is_file():
-            raise SearchIndexError(f"the index was built with checkpoint {path}, which no longer exists; "
-                                   f"restore it or rebuild the index with `vidseek index`")
-        if file_sha256(path) != expected_sha256:
-            raise SearchIndexError(f"checkpoint {path} changed since the index was built (sha256 differs); "
-                                   f"restore the original file or rebuild the index with `vidseek index`")
-    model, payload = load_model(path, device=device)
-    resolved = Path(payload["path"])  # a run folder means its best.pt / last.pt
-    preset = Preset.from_dict(payload["preset"])
-    return LoadedModel(model=model, checkpoint=str(resolved.absolute()), sha256=expected_sha256 or file_sha256(resolved),
-                       preset=preset.name, frames=int(preset.frames), words=int(preset.words))
-
-
-# --- models that embed decoded frames ------------------------------------------------------------
-
-def needs_video_frames(model: Any) -> bool:
-    """True for a model whose `encode_frames` must see decoded pixels (PIG "vip")."""
-    return bool(getattr(model, "needs_video_frames", False))
-
-
-def decode_and_encode_frames(model: Any, windows: Sequence[tuple[str, float | None, float | None]], frames: int,
-                             batch_size: int) -> tuple[list[tuple[list[int], Any]], list[tuple[int, str]]]:
-    """Decode each (path, start, end) window with `load_video_tensor` and run `model.encode_frames`
-    on batches of `batch_size` → ([(positions in `windows`, FrameFeatures of those)], [(position,
-    error)] for windows that could not be decoded — skipped, like extraction failures)."""
-    import torch
-
-    from vidseek.video import load_video_tensor
-
-    size = int(model.clip.image_size)
-    batches: list[tuple[list[int], Any]] = []
-    failures: list[tuple[int, str]] = []
-    for begin in range(0, len(windows), batch_size):
-        positions, pixels, masks = [], [], []
-        for position in range(begin, min(begin + batch_size, len(windows))):
-            path, start, end = windows[position]
-            try:
-                clip_pixels, mask, _ = load_video_tensor(path, frames, size, start=start, end=end)
-            except Exception as err:  # noqa: BLE001 - a per-file failure is recorded, not fatal
-                # vidseek's decode errors already name the file.
-                failures.append((position, str(err) if isinstance(err, VidseekError) else
-                                 f"cannot process video {path}: {type(err).__name__}: {err}"))
-                continue
-            positions.append(position)
-            pixels.append(clip_pixels)
-            masks.append(mask)
-        if positions:
-            with torch.no_grad():
-                feats = model.encode_frames(torch.stack(pixels).to(model.device), torch.stack(masks).to(model.device))
-            batches.append((positions, feats))
-    return batches, failures
-
-
-# --- index settings --------------------------------------------------------------------------------
-
-def read_index_json(index_dir: str | Path) -> dict[str, Any]:
-    import json
-
-    path = Path(index_dir) / INDEX_FILE
-    if not path.is_file():
-        raise SearchIndexError(f"no search index at {index_dir} (missing {INDEX_FILE}); "
-                               f"build one with `vidseek index <videos> --recall CKPT --out {index_dir}`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SearchIndexError(f"{path} is not valid JSON ({err.msg}); rebuild the index with `vidseek index`") from None
-    if meta.get("format") != INDEX_FORMAT:
-        raise SearchIndexError(f"{path} has index format {meta.get('format')!r}, this vidseek reads {INDEX_FORMAT}; "
-                               f"rebuild the index with `vidseek index`")
-    return meta
 
 
 def parse_memory(text: str) -> int:
@@ -381,11 +132,49 @@ class Indexer:
         elif existing is None and rerank is not None:
             self.reranker = load_checkpoint_model(rerank, device)
         self.rerank_store_dir = self._rerank_store_dir()
-        self.entries = EntryCatalog(self._entries_path())
+        self.entries = EntryCatalog(self._entries_path(), mode="create" if existing is None else "write")
+        try:
+            self._check_provenance(existing)
+            if existing is None:
+                # Written before anything is extracted: a run killed at any later point leaves an
+                # index.json naming its models, so a re-run with other weights is refused, never mixed.
+                self._write_meta(with_manifest=False)
+        except BaseException:
+            self.entries.close()
+            raise
 
     def _entries_path(self) -> Path:
         self.index_dir.mkdir(parents=True, exist_ok=True)
         return self.index_dir / ENTRIES_FILE
+
+    def _provenance(self) -> dict[str, str]:
+        """The content hashes of the weights behind this index's entries and vectors."""
+        return {"recall_sha256": str(self.recall.describe()["sha256"]),
+                "rerank_sha256": "" if self.reranker is None else self.reranker.sha256}
+
+    def _check_provenance(self, existing: dict[str, Any] | None) -> None:
+        """entries.sqlite must hold entries of THESE weights; an unrecorded table gets them recorded.
+
+        Entries left by a killed run with other weights (whose index.json was lost) are refused
+        with one line — re-extracting them silently would hide that the folder is someone else's.
+        """
+        wanted = self._provenance()
+        recorded = self.entries.provenance()
+        if recorded:
+            if recorded.get("recall_sha256") != wanted["recall_sha256"]:
+                raise SearchIndexError(
+                    f"{self.entries.path} holds entries made by other recall weights (sha256 "
+                    f"{recorded.get('recall_sha256', '?')[:12]}, this checkpoint is {wanted['recall_sha256'][:12]}); "
+                    f"re-run with the checkpoint that started this index, or use a new --out folder")
+            return
+        if existing is None and self.entries.total():
+            raise SearchIndexError(f"{self.entries.path} holds entries of an unknown model and {self.index_dir} has no "
+                                   f"{INDEX_FILE}; use a new --out folder")
+        self.entries.set_provenance(wanted)
+        if existing is not None and self.entries.counts()["keys"] and len(self.recall) == 0:
+            raise SearchIndexError(f"{self.index_dir / RECALL_STATE_DIR} holds no vectors but {self.entries.path} holds "
+                                   f"{self.entries.counts()['keys']} entries; run `vidseek verify {self.index_dir}` "
+                                   f"and re-index into a new --out folder")
 
     def _check_same(self, meta: dict[str, Any], recall: str | None, rerank: str | None,
                     segment_seconds: float | None, overlap_seconds: float) -> None:
@@ -395,8 +184,10 @@ class Indexer:
         if recall is not None:
             backend_name, checkpoint = parse_recall_spec(recall)
             if backend_name != meta["recall"]["backend"] or not _same_checkpoint(checkpoint, meta["recall"]):
-                raise SearchIndexError(f"index {self.index_dir} was built with recall model {meta['recall']['checkpoint']}; "
-                                       f"use that checkpoint or a new --out folder")
+                raise SearchIndexError(
+                    f"index {self.index_dir} was built with recall model {meta['recall']['checkpoint']} (sha256 "
+                    f"{meta['recall']['sha256'][:12]}), not {recall}; re-run with that checkpoint (or without "
+                    f"--recall) to add to it, or use a new --out folder")
         if rerank is not None and (not meta.get("rerank") or not _same_checkpoint(rerank, meta["rerank"])):
             built = meta["rerank"]["checkpoint"] if meta.get("rerank") else "no reranker"
             raise SearchIndexError(f"index {self.index_dir} was built with {built}; "
@@ -540,14 +331,24 @@ class Indexer:
 
     # --- index.json --------------------------------------------------------------------------
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, with_manifest: bool = True) -> None:
+        """Write index.json atomically: models, provenance, counts, failures and — once the files
+        are complete — the manifest (`integrity`) that every open checks."""
         from vidseek import __version__
+        from vidseek.search.integrity import MANIFEST_KEY, make_manifest
         from vidseek.store import Catalog
         from vidseek.store.shards import CATALOG_FILE
         from vidseek.utils import atomic_write_json
 
-        with Catalog(self.index_dir / RECALL_STORE_DIR / CATALOG_FILE) as catalog:
-            failed = [(r.key, r.error or "") for r in catalog.rows("failed")]
+        failed: list[tuple[str, str]] = []
+        stores = [d for d in {RECALL_STORE_DIR, self.rerank_store_dir} - {None}
+                  if (self.index_dir / d / CATALOG_FILE).is_file()]
+        for store_dir in sorted(stores):
+            with Catalog(self.index_dir / store_dir / CATALOG_FILE) as catalog:
+                if store_dir == RECALL_STORE_DIR:
+                    failed = [(r.key, r.error or "") for r in catalog.rows("failed")]
+                if with_manifest:
+                    catalog.checkpoint()
         counts = self.entries.counts()
         self.meta.update({
             "vidseek_version": __version__,
@@ -557,7 +358,15 @@ class Indexer:
             "stores": {"recall": RECALL_STORE_DIR, "rerank": self.rerank_store_dir},
             "counts": {**counts, "failed": len(failed)},
             "failures": [{"key": k, "error": e} for k, e in failed[:FAILURES_KEPT]],
+            "provenance": self._provenance(),
+            MANIFEST_KEY: None,
         })
+        if with_manifest:
+            self.entries.checkpoint()
+            dim = getattr(getattr(self.recall, "index", None), "dim", None)
+            self.meta[MANIFEST_KEY] = make_manifest(self.index_dir, self.meta,
+                                                    {"entries": counts["keys"], "recall_vectors": len(self.recall)},
+                                                    None if dim is None else int(dim))
         atomic_write_json(self.index_dir / INDEX_FILE, self.meta)
 
     def close(self) -> None:
@@ -568,18 +377,6 @@ class Indexer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def stored_frame_features(store: Any, keys: Sequence[str], patches: bool) -> Any:
-    """`FrameFeatures` of `keys` read from a FeatureStore (with patch tokens when `patches`)."""
-    import torch
-
-    from vidseek.models.base import FrameFeatures
-
-    frames, masks = store.frame_features(list(keys))
-    patch_features = store.patch_features(list(keys)) if patches else None
-    return FrameFeatures(frames=torch.from_numpy(frames), mask=torch.from_numpy(masks),
-                         patches=None if patch_features is None else torch.from_numpy(patch_features))
 
 
 def _end_of(row: Any) -> float | None:

@@ -34,9 +34,9 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from vidseek.errors import ConfigError, SearchIndexError
-from vidseek.search.indexer import (ENTRIES_FILE, INDEX_FILE, RECALL_STATE_DIR, Entry, EntryCatalog, LoadedModel,
-                                    decode_and_encode_frames, image_tower_fingerprint, load_checkpoint_model,
-                                    needs_video_frames, read_index_json, stored_frame_features)
+from vidseek.search.entries import ENTRIES_FILE, INDEX_FILE, RECALL_STATE_DIR, Entry, EntryCatalog, read_index_json
+from vidseek.search.loading import (LoadedModel, decode_and_encode_frames, image_tower_fingerprint,
+                                    load_checkpoint_model, needs_video_frames, stored_frame_features)
 
 #: Longest accepted query, in characters (CLIP's text tower reads at most 77 tokens anyway; the
 #: limit keeps a request from making the tokenizer chew on megabytes).
@@ -240,9 +240,12 @@ class DenseRecall:
             return self.model.index_text(text).float().cpu().numpy()
 
     def recall(self, texts: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
+        from vidseek.index.dense import check_scores
+
         if self.index is None or len(self.index) == 0:
             return [[] for _ in texts]
-        scores, ids = self.index.search(self.query_vectors(texts), k)
+        scores, ids = self.index.search(self.query_vectors(texts), min(k, len(self.index)))
+        check_scores(scores, ids, self.index.index_type, self.state_dir)
         return [[(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(scores, ids)]
 
     def describe(self) -> dict[str, Any]:
@@ -383,16 +386,18 @@ class Searcher:
         return self._worker.submit(fn, *args).result()
 
     def _open(self) -> None:
+        from vidseek.search.integrity import check_counts, check_files
         from vidseek.store import FeatureStore
 
-        entries_path = self.index_dir / ENTRIES_FILE
-        if not entries_path.is_file():
-            raise SearchIndexError(f"{entries_path} is missing; rebuild the index with `vidseek index`")
-        self.entries = EntryCatalog(entries_path)
+        check_files(self.index_dir, self.meta)  # presence and sizes against the manifest: stat calls only
+        self.entries = EntryCatalog(self.index_dir / ENTRIES_FILE, mode="read")
         recall_meta = self.meta["recall"]
         self.recall: RecallBackend = open_recall(recall_meta["backend"], recall_meta["checkpoint"],
                                                  self.index_dir / RECALL_STATE_DIR, RecallOptions(beams=self.beams),
                                                  device=self.device, expected_sha256=recall_meta["sha256"])
+        dim = getattr(getattr(self.recall, "index", None), "dim", None)
+        check_counts(self.index_dir, self.meta, self.entries.counts()["keys"], len(self.recall),
+                     None if dim is None else int(dim))
         self.reranker: Reranker | None = None
         if self.meta.get("rerank"):
             rerank_meta = self.meta["rerank"]
@@ -411,12 +416,15 @@ class Searcher:
         if isinstance(texts, str):
             raise ConfigError("search_batch takes a list of query strings; use search() for one query")
         queries = [check_query(t) for t in texts]
-        if k < 1 or recall_k < 1:
-            raise ConfigError(f"k and recall_k must be at least 1 (got k={k}, recall_k={recall_k})")
+        for name, value in (("k", k), ("recall_k", recall_k)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
         if not queries:
             return []
         began = time.perf_counter()
-        results = self._run(self._search_batch, queries, k, max(recall_k, k), rerank)
+        # Clipped to the index: memory follows the index size, never a huge requested k.
+        size = max(1, len(self.recall))
+        results = self._run(self._search_batch, queries, min(int(k), size), min(max(int(recall_k), int(k)), size), rerank)
         per_query_ms = (time.perf_counter() - began) * 1000.0 / len(queries)
         with self._stats_lock:
             self._latencies_ms.extend([per_query_ms] * len(queries))

@@ -12,11 +12,14 @@ and makes reopening after `kill -9` safe: SQLite replays or discards the WAL on 
 """
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from vidseek.errors import DatasetError, VidseekError
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -46,6 +49,42 @@ CREATE TABLE IF NOT EXISTS shard_marks (
 """
 
 _COLUMNS = 'key, video_id, path, start, "end", duration, num_frames, frame_mask, status, error, shard, "row", updated_at'
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def database_error(path: Path, err: sqlite3.Error, error_type: type[VidseekError], fix: str) -> VidseekError:
+    """One line naming the SQLite file and the fix, instead of sqlite3's bare "file is not a database"."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "locked" in reason:
+        fix = "another process holds it; wait for it to finish and retry"
+    return error_type(f"{path} cannot be read as a SQLite database ({reason}); {fix}")
+
+
+def named_database_errors(method: _Method) -> _Method:
+    """Turn sqlite3 errors raised by a method of an object with `path` and `damaged_fix` into one
+    `database_error` line (the object's `error_type`, default DatasetError)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            raise database_error(self.path, err, getattr(self, "error_type", DatasetError), self.damaged_fix) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def checkpoint_wal(db: sqlite3.Connection) -> None:
+    """Copy the write-ahead log into the database file and empty it, so the file alone holds
+    every committed row (what a manifest's size and checksum describe). Retried while a reader
+    briefly blocks it."""
+    for _ in range(50):
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return
+        time.sleep(0.1)
 
 
 @dataclass(frozen=True)
@@ -93,6 +132,9 @@ class OkEntry:
 class Catalog:
     """The `items` table plus the per-shard committed high-water marks."""
 
+    damaged_fix = "run `vidseek verify` on its index, or re-extract into a new --out folder"
+
+    @named_database_errors
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +149,11 @@ class Catalog:
     def close(self) -> None:
         self._db.close()
 
+    @named_database_errors
+    def checkpoint(self) -> None:
+        """Fold the WAL into catalog.sqlite (before a manifest records its size and checksum)."""
+        checkpoint_wal(self._db)
+
     def __enter__(self) -> "Catalog":
         return self
 
@@ -115,11 +162,13 @@ class Catalog:
 
     # --- reading ----------------------------------------------------------------------------
 
+    @named_database_errors
     def get(self, key: str) -> CatalogRow | None:
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM items WHERE key = ?", (key,))
         found = cur.fetchone()
         return CatalogRow(*found) if found else None
 
+    @named_database_errors
     def get_many(self, keys: Sequence[str]) -> dict[str, CatalogRow]:
         """Rows for the keys that exist, keyed by key (SQLite's variable limit respected)."""
         found: dict[str, CatalogRow] = {}
@@ -130,6 +179,7 @@ class Catalog:
                 found[values[0]] = CatalogRow(*values)
         return found
 
+    @named_database_errors
     def rows(self, status: str | None = STATUS_OK) -> list[CatalogRow]:
         """Rows in insertion order of their features (then key); `status=None` returns all."""
         order = 'ORDER BY shard, "row", key'
@@ -139,6 +189,7 @@ class Catalog:
             cur = self._db.execute(f"SELECT {_COLUMNS} FROM items WHERE status = ? {order}", (status,))
         return [CatalogRow(*values) for values in cur]
 
+    @named_database_errors
     def keys(self, status: str | None = STATUS_OK) -> list[str]:
         if status is None:
             cur = self._db.execute("SELECT key FROM items ORDER BY key")
@@ -146,6 +197,7 @@ class Catalog:
             cur = self._db.execute("SELECT key FROM items WHERE status = ? ORDER BY key", (status,))
         return [k for (k,) in cur]
 
+    @named_database_errors
     def counts(self) -> dict[str, int]:
         """{'ok': n, 'failed': m} (both always present)."""
         result = {STATUS_OK: 0, STATUS_FAILED: 0}
@@ -156,12 +208,14 @@ class Catalog:
     def __len__(self) -> int:
         return self.counts()[STATUS_OK]
 
+    @named_database_errors
     def committed_rows(self) -> dict[int, int]:
         """Committed high-water mark per shard: rows [0, n) of shard s are referenced data."""
         return dict(self._db.execute("SELECT shard, committed_rows FROM shard_marks"))
 
     # --- writing ----------------------------------------------------------------------------
 
+    @named_database_errors
     def mark_ok(self, entries: Iterable[OkEntry]) -> None:
         """Record successfully extracted items and advance the shard marks, in ONE transaction.
 
@@ -185,6 +239,7 @@ class Catalog:
                 list(marks.items()),
             )
 
+    @named_database_errors
     def mark_failed(self, key: str, video_id: str, path: str, error: str,
                     start: float | None = None, end: float | None = None) -> None:
         """Record a per-item failure with its error text (retried on the next run)."""
@@ -195,6 +250,7 @@ class Catalog:
                  time.time()),
             )
 
+    @named_database_errors
     def delete(self, keys: Iterable[str]) -> int:
         """Forget keys (their feature rows become unreferenced space). Returns rows deleted."""
         keys = list(keys)

@@ -29,6 +29,7 @@ import torch.utils.data
 
 from vidseek.errors import DatasetError, VideoDecodeError, VidseekError
 from vidseek.store.catalog import STATUS_FAILED, STATUS_OK
+from vidseek.store.provenance import weights_fingerprint
 from vidseek.store.shards import FeatureStore, StoredItem
 
 # The containers a plain folder source is scanned for.
@@ -61,14 +62,21 @@ class ExtractSummary:
 # --- sources ------------------------------------------------------------------------------------
 
 def iter_sources(source: str | Path, split: str | None = None) -> list[VideoSource]:
-    """The videos named by `source`, de-duplicated by video id (first occurrence wins).
+    """The videos named by `source` (see `scan_sources`, whose skipped names this drops)."""
+    return scan_sources(source, split)[0]
+
+
+def scan_sources(source: str | Path, split: str | None = None) -> tuple[list[VideoSource], list[tuple[str, str]]]:
+    """The videos named by `source`, de-duplicated by video id (first occurrence wins), and the
+    (name, reason) of every video left out — never dropped without a word:
 
     * a dataset folder in any format `vidseek.data.detect_format` recognises (`split=None`: every
       split the dataset has),
     * a generic `.jsonl` annotation file,
-    * or a plain folder of videos, scanned recursively for mp4/avi/mov/mkv/webm/m4v; the video id
-      is the path relative to the folder without its extension ('/' kept), so ids stay unique
-      across sub-folders.
+    * or a plain folder of videos, scanned recursively (symlinked folders followed once) for
+      mp4/avi/mov/mkv/webm/m4v; the video id is the path relative to the folder without its
+      extension ('/' kept), so ids stay unique across sub-folders; a name that is only dots
+      before the extension ("..mp4") keeps its extension as its id.
     """
     path = Path(source).expanduser()
     if not path.exists():
@@ -77,9 +85,9 @@ def iter_sources(source: str | Path, split: str | None = None) -> list[VideoSour
         if path.suffix.lower() != ".jsonl":
             raise DatasetError(f"video source {path} is a file but not a .jsonl annotation file; "
                                f"pass its folder, a dataset folder or a .jsonl file")
-        return _dedupe(_dataset_sources(path, split))
+        return _dedupe(_dataset_sources(path, split), [])
     if _is_dataset(path):
-        return _dedupe(_dataset_sources(path, split))
+        return _dedupe(_dataset_sources(path, split), [])
     if split is not None:
         raise DatasetError(f"{path} is a plain folder of videos, which has no splits; drop --split "
                            f"or pass a dataset folder")
@@ -114,28 +122,50 @@ def _dataset_sources(root: Path, split: str | None) -> list[VideoSource]:
     return [VideoSource(r.video_id, Path(r.path), r.start, r.end) for d in datasets for r in d.records]
 
 
-def _folder_sources(folder: Path) -> list[VideoSource]:
+def _video_extension(name: str) -> str | None:
+    lowered = name.lower()
+    return next((ext for ext in FOLDER_VIDEO_EXTENSIONS if lowered.endswith(ext)), None)
+
+
+def _folder_sources(folder: Path) -> tuple[list[VideoSource], list[tuple[str, str]]]:
     found: list[VideoSource] = []
-    for current, dirs, files in os.walk(folder):
+    skipped: list[tuple[str, str]] = []
+    visited = {os.path.realpath(folder)}
+    for current, dirs, files in os.walk(folder, followlinks=True):
         dirs.sort()
+        for name in list(dirs):
+            # A symlinked folder is followed once: a loop or a second link to it would list its videos twice.
+            real = os.path.realpath(os.path.join(current, name))
+            if real in visited:
+                relative = Path(current, name).relative_to(folder).as_posix()
+                skipped.append((relative, f"folder {Path(current, name)} links to {real}, which is already scanned; skipped"))
+                dirs.remove(name)
+            else:
+                visited.add(real)
         for name in sorted(files):
-            stem, suffix = os.path.splitext(name)
-            if suffix.lower() in FOLDER_VIDEO_EXTENSIONS:
-                file_path = Path(current, name)
-                relative = file_path.relative_to(folder).with_suffix("").as_posix()
-                found.append(VideoSource(relative, file_path.absolute()))
+            extension = _video_extension(name)
+            if extension is None:
+                continue
+            file_path = Path(current, name)
+            relative = file_path.relative_to(folder).as_posix()
+            stem = name[:-len(extension)]
+            video_id = relative if not stem.strip(".") else relative[:-len(extension)]
+            found.append(VideoSource(video_id, file_path.absolute()))
     if not found:
         raise DatasetError(f"no videos found in {folder} (looked for {', '.join(FOLDER_VIDEO_EXTENSIONS)} "
                            f"recursively); pass the folder that holds the videos")
     # Same relative name with two containers (a.mp4 and a.webm) would give one id twice.
-    return _dedupe(found)
+    return _dedupe(found, skipped)
 
 
-def _dedupe(sources: Sequence[VideoSource]) -> list[VideoSource]:
+def _dedupe(sources: Sequence[VideoSource], skipped: list[tuple[str, str]]
+            ) -> tuple[list[VideoSource], list[tuple[str, str]]]:
     seen: dict[str, VideoSource] = {}
     for s in sources:
-        seen.setdefault(s.video_id, s)
-    return list(seen.values())
+        first = seen.setdefault(s.video_id, s)
+        if first is not s and first.path != s.path:
+            skipped.append((s.video_id, f"{s.path} has the same video id as {first.path}; skipped: rename one of them"))
+    return list(seen.values()), skipped
 
 
 def segment_key(video_id: str, index: int) -> str:
@@ -316,13 +346,14 @@ def extract(source: str | Path, encoder: Any, out: str | Path, *, frames: int = 
         raise VidseekError(f"extract needs batch_size >= 1, workers >= 0 and frames >= 1 "
                            f"(got {batch_size}, {workers}, {frames}); fix the options")
     began = time.perf_counter()
-    sources = iter_sources(source, split)
-    store = FeatureStore.create(out, encoder=_encoder_name(encoder), embed_dim=int(encoder.embed_dim), frames=frames,
+    sources, unscanned = scan_sources(source, split)
+    store = FeatureStore.create(out, encoder=_encoder_name(encoder), weights=weights_fingerprint(encoder),
+                                embed_dim=int(encoder.embed_dim), frames=frames,
                                 image_size=int(encoder.image_size), patches=patches,
                                 grid=int(encoder.grid) if patches else None,
                                 segment_seconds=segment_seconds, overlap_seconds=overlap_seconds, sampling=sampling)
     try:
-        jobs, skipped = _pending_jobs(store, sources, segmented=segment_seconds is not None)
+        jobs, skipped, conflicts = _pending_jobs(store, sources, segmented=segment_seconds is not None)
         settings = _DecodeSettings(frames, int(encoder.image_size), sampling, segment_seconds, overlap_seconds,
                                    DECODER_THREADS_PER_WORKER)
         if hasattr(encoder, "eval"):
@@ -336,7 +367,9 @@ def extract(source: str | Path, encoder: Any, out: str | Path, *, frames: int = 
             # Let workers run a full encoder batch ahead so decoding overlaps encoding.
             prefetch_factor=max(2, batch_size) if workers else None,
             pin_memory=device.startswith("cuda"))
-        summary = ExtractSummary(processed=0, skipped_existing=skipped, failed=0)
+        # Left out by the scan, or an id already stored from another file: reported, never silent.
+        left_out = unscanned + conflicts
+        summary = ExtractSummary(processed=0, skipped_existing=skipped, failed=len(left_out), failures=list(left_out))
         bar, task = _progress_bar(progress, total=len(sources))
         bar.update(task, advance=len(sources) - len(jobs))
         pending: list[_Decoded] = []
@@ -384,16 +417,24 @@ def _forget_superseded_failures(store: FeatureStore) -> None:
 
 
 def _pending_jobs(store: FeatureStore, sources: list[VideoSource], segmented: bool
-                  ) -> tuple[list[_VideoJob], int]:
-    """Jobs still to do, and how many keys are already stored (counted as skipped)."""
+                  ) -> tuple[list[_VideoJob], int, list[tuple[str, str]]]:
+    """Jobs still to do, how many keys are already stored (counted as skipped), and the
+    (video id, reason) of sources whose id the store already holds for ANOTHER file: a second
+    folder reusing a relative name must not pass as "already stored"."""
     ok_rows = store.catalog.rows(STATUS_OK)
+    stored_path = {r.video_id: r.path for r in ok_rows}
+    conflicts = [(s.video_id, f"video id {s.video_id!r} is already stored from {stored_path[s.video_id]}, not "
+                              f"{s.path}; skipped: remove it first (`vidseek index --remove {s.video_id}`) or rename the file")
+                 for s in sources if stored_path.get(s.video_id, str(s.path)) != str(s.path)]
+    clashing = {video_id for video_id, _ in conflicts}
+    sources = [s for s in sources if s.video_id not in clashing]
     if not segmented:
         ok_keys = {r.key for r in ok_rows}
         jobs = [_VideoJob(s, frozenset()) for s in sources if s.video_id not in ok_keys]
-        return jobs, len(sources) - len(jobs)
+        return jobs, len(sources) - len(jobs), conflicts
     # Windows are only known after probing the file, so each video goes to a worker with the
     # windows it already has; the worker reports those as skipped.
     done: dict[str, set[str]] = {}
     for r in ok_rows:
         done.setdefault(r.video_id, set()).add(r.key)
-    return [_VideoJob(s, frozenset(done.get(s.video_id, ()))) for s in sources], 0
+    return [_VideoJob(s, frozenset(done.get(s.video_id, ()))) for s in sources], 0, conflicts

@@ -14,7 +14,6 @@ committing are not referenced by anything and are overwritten by the next append
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from vidseek.errors import ConfigError, DatasetError
 from vidseek.store.catalog import STATUS_OK, Catalog, CatalogRow, OkEntry
-from vidseek.utils import atomic_write_json
+from vidseek.utils import atomic_write_json, read_json_or_reason
 
 
 def next_location(committed_rows: Mapping[int, int], rows_per_shard: int) -> tuple[int, int]:
@@ -159,8 +158,11 @@ _MAX_SHARD_BYTES = 1 << 30
 _DEFAULT_ROWS_PER_SHARD = 4096
 
 # Settings that change what the stored features mean; reopening with another value is an error.
+# "weights" (checked first) is the image tower's `provenance.weights_fingerprint`: the architecture name alone
+# would let two checkpoints' features mix in one store (issue 12).
 _IDENTITY_SETTINGS = ("encoder", "embed_dim", "frames", "image_size", "sampling", "patches", "grid",
                       "segment_seconds", "overlap_seconds")
+_REQUIRED_SETTINGS = ("encoder", "embed_dim", "frames", "patches", "rows_per_shard")
 
 
 def read_store_config(root: str | Path) -> dict:
@@ -169,11 +171,13 @@ def read_store_config(root: str | Path) -> dict:
     if not config_path.is_file():
         raise DatasetError(f"no feature store at {root} (missing {STORE_CONFIG_FILE}); "
                            f"create one with `vidseek extract <videos> --out {root}`")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"feature store config {config_path} is not valid JSON ({err}); "
-                           f"re-run `vidseek extract` into a new --out folder") from err
+    config, reason = read_json_or_reason(config_path)
+    if reason is None and (not isinstance(config, dict) or any(name not in config for name in _REQUIRED_SETTINGS)):
+        reason = "its settings are missing"
+    if reason:
+        raise DatasetError(f"feature store config {config_path} is damaged ({reason}); run `vidseek verify` on its "
+                           f"index, or re-extract into a new --out folder")
+    return config
 
 
 _LOCK_FDS_HELD: set[int] = set()
@@ -200,6 +204,10 @@ def _close_inherited_locks() -> None:
         except OSError:
             pass
     _LOCK_FDS_HELD.clear()
+
+
+def _short(fingerprint: str | None) -> str:
+    return "weights not recorded" if fingerprint is None else f"weights {fingerprint[:12]}"
 
 
 @dataclass(frozen=True)
@@ -239,11 +247,12 @@ class FeatureStore:
     @classmethod
     def create(cls, root: str | Path, *, encoder: str, embed_dim: int, frames: int, image_size: int,
                patches: bool, grid: int | None, segment_seconds: float | None, overlap_seconds: float,
-               sampling: str = "uniform") -> "FeatureStore":
+               sampling: str = "uniform", weights: str | None = None) -> "FeatureStore":
         """Create a store for writing, or reopen one whose settings match exactly.
 
         Raises `ConfigError` naming the first differing setting, since mixing features of two
-        encoders / frame counts / sizes in one store would silently corrupt retrieval.
+        encoders / weights / frame counts / sizes in one store would silently corrupt retrieval.
+        `weights` identifies the encoder's weights (`provenance.weights_fingerprint`).
         """
         from vidseek import __version__
 
@@ -251,7 +260,7 @@ class FeatureStore:
         if patches and not grid:
             raise ConfigError("patch features need the encoder's patch grid size; pass grid=<patches per side>")
         wanted = {
-            "encoder": encoder, "embed_dim": int(embed_dim), "frames": int(frames), "image_size": int(image_size),
+            "encoder": encoder, "weights": weights, "embed_dim": int(embed_dim), "frames": int(frames), "image_size": int(image_size),
             "sampling": sampling, "patches": bool(patches), "grid": int(grid) if grid else None,
             "segment_seconds": float(segment_seconds) if segment_seconds else None,
             "overlap_seconds": float(overlap_seconds) if segment_seconds else 0.0,
@@ -259,6 +268,11 @@ class FeatureStore:
         config_path = root / STORE_CONFIG_FILE
         if config_path.is_file():
             existing = read_store_config(root)
+            if existing.get("weights") != weights:
+                raise ConfigError(
+                    f"feature store {root} holds features of other {encoder} weights "
+                    f"({_short(existing.get('weights'))}, these are {_short(weights)}); mixing them would rank "
+                    f"wrongly: use the weights it was extracted with, or another --out folder")
             for name in _IDENTITY_SETTINGS:
                 if existing.get(name) != wanted[name]:
                     raise ConfigError(

@@ -100,6 +100,11 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
     last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "log.jsonl"
     if last_path.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it, or choose another --out")
+    if resume and not last_path.exists():
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint (last.pt) to continue; drop --resume to start "
+                          f"the run afresh there")
+    if not resume and dist.is_main:
+        log_path.unlink(missing_ok=True)  # lines of a run killed before its first checkpoint would be duplicated
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     model = create_model(preset, weights=weights).to(device)
