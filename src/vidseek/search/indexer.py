@@ -318,9 +318,12 @@ class Indexer:
 
     def __init__(self, index_dir: str | Path, *, recall: str | None = None, rerank: str | None = None,
                  segment_seconds: float | None = None, overlap_seconds: float = 0.0, index_type: str = "auto",
-                 backend: str = "faiss", milvus_uri: str | None = None, memory_budget_bytes: int = 4 << 30,
+                 backend: str = "faiss", milvus_uri: str | None = None, milvus_collection: str | None = None,
+                 memory_budget_bytes: int = 4 << 30,
                  device: str = "cpu", batch_size: int = 8, workers: int = 2, progress: bool = True,
-                 beams: int | None = None):
+                 beams: int | None = None, weights: str | Path | None = None):
+        """`weights`: the CLIP weights file of zero-shot recall (`recall="clip:ARCH"`)."""
+        from vidseek.search.recall_spec import zero_shot_recall
         from vidseek.search.searcher import RecallOptions, open_recall, parse_recall_spec
 
         self.index_dir = Path(index_dir)
@@ -329,6 +332,12 @@ class Indexer:
         self.workers = workers
         self.progress = progress
         existing = read_index_json(self.index_dir) if (self.index_dir / INDEX_FILE).is_file() else None
+        requested = None  # (backend, checkpoint, CLIP architecture of zero-shot recall)
+        if recall is not None:
+            backend_name, checkpoint = parse_recall_spec(recall)
+            requested = (backend_name, *zero_shot_recall(backend_name, checkpoint, weights))
+        elif weights is not None:
+            raise ConfigError("--weights goes with --recall clip:ARCH (zero-shot recall); pass both")
         if existing is None:
             if recall is None:
                 raise ConfigError(f"{self.index_dir} holds no index yet: pass --recall CKPT (a two-tower checkpoint) to build one")
@@ -339,14 +348,18 @@ class Indexer:
                 "overlap_seconds": overlap_seconds if segment_seconds else 0.0,
                 "created_at": time.time(), "failures": [],
             }
-            backend_name, recall_checkpoint = parse_recall_spec(recall)
+            backend_name, recall_checkpoint, clip_arch = requested
             recall_sha = None
         else:
             self.meta = existing
             backend_name = existing["recall"]["backend"]
             recall_checkpoint, recall_sha = existing["recall"]["checkpoint"], existing["recall"]["sha256"]
-            self._check_same(existing, recall, rerank, segment_seconds, overlap_seconds)
+            self._check_same(existing, requested, rerank, segment_seconds, overlap_seconds)
+            clip_arch = None
+            if requested is not None:  # the same file (by hash), maybe moved: use it where it is now
+                recall_checkpoint = requested[1]
         options = RecallOptions(index_type=index_type, backend=backend, milvus_uri=milvus_uri,
+                                milvus_collection=milvus_collection, clip_arch=clip_arch,
                                 memory_budget_bytes=memory_budget_bytes, beams=beams)
         self.recall = open_recall(backend_name, recall_checkpoint, self.index_dir / RECALL_STATE_DIR, options,
                                   device=device, expected_sha256=recall_sha)
@@ -365,14 +378,14 @@ class Indexer:
         self.index_dir.mkdir(parents=True, exist_ok=True)
         return self.index_dir / ENTRIES_FILE
 
-    def _check_same(self, meta: dict[str, Any], recall: str | None, rerank: str | None,
+    def _check_same(self, meta: dict[str, Any], recall: tuple[str, str, str | None] | None, rerank: str | None,
                     segment_seconds: float | None, overlap_seconds: float) -> None:
-        """An existing index keeps its models and windows; a different request is a user error."""
-        from vidseek.search.searcher import parse_recall_spec
-
+        """An existing index keeps its models and windows; a different request is a user error.
+        `recall`: the requested (backend, checkpoint, CLIP architecture of zero-shot recall)."""
         if recall is not None:
-            backend_name, checkpoint = parse_recall_spec(recall)
-            if backend_name != meta["recall"]["backend"] or not _same_checkpoint(checkpoint, meta["recall"]):
+            backend_name, checkpoint, clip_arch = recall
+            if backend_name != meta["recall"]["backend"] or clip_arch != meta["recall"].get("arch") \
+                    or not _same_checkpoint(checkpoint, meta["recall"]):
                 raise SearchIndexError(f"index {self.index_dir} was built with recall model {meta['recall']['checkpoint']}; "
                                        f"use that checkpoint or a new --out folder")
         if rerank is not None and (not meta.get("rerank") or not _same_checkpoint(rerank, meta["rerank"])):
@@ -519,7 +532,7 @@ class Indexer:
     # --- index.json --------------------------------------------------------------------------
 
     def _write_meta(self) -> None:
-        from vidseek import __version__
+        from vidseek.version import __version__
         from vidseek.store import Catalog
         from vidseek.store.shards import CATALOG_FILE
         from vidseek.utils import atomic_write_json

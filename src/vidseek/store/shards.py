@@ -245,7 +245,7 @@ class FeatureStore:
         Raises `ConfigError` naming the first differing setting, since mixing features of two
         encoders / frame counts / sizes in one store would silently corrupt retrieval.
         """
-        from vidseek import __version__
+        from vidseek.version import __version__
 
         root = Path(root)
         if patches and not grid:
