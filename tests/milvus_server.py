@@ -153,8 +153,10 @@ class LoopbackMilvusServer:
         script = 'ip link set lo up && exec "$0" "$@"'
         # setpriv: if this process dies, unshare dies, and --kill-child takes the server with it.
         # (Not a preexec_fn: a plain fork() runs gRPC's fork handlers, which abort the child.)
+        # --mount-proc: Milvus reads its memory use from /proc/<own pid>; with the host's /proc in a
+        # new pid namespace that fails and sealed segments never load after a restart.
         self._process = subprocess.Popen(
-            ["setpriv", "--pdeathsig", "KILL", "unshare", "--net", "--pid", "--fork", "--kill-child", "--",
+            ["setpriv", "--pdeathsig", "KILL", "unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
              "sh", "-c", script, str(self.command), "--data", str(self.data_dir), "--proxy-port", str(PROXY_PORT)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
