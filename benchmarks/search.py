@@ -509,15 +509,19 @@ def serve_in_namespace(index_dir: Path, server: Any, port: int, startup_timeout_
 
     bridge = NamespaceBridge(port)
     bridge.retarget(server.namespace_path)
-    process = subprocess.Popen(["nsenter", f"--net={server.namespace_path}", sys.executable, "-m", "vidseek.cli",
-                                "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A file, not a pipe: gRPC logs to stderr, and an unread pipe that fills up blocks the server.
+    log_path = index_dir.parent / f"{index_dir.name}-serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "nsenter", f"--net={server.namespace_path}",
+                                    sys.executable, "-m", "vidseek.cli",
+                                    "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=log)
     base_url = f"http://127.0.0.1:{bridge.port}"
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"vidseek serve {index_dir} exited: {process.stderr.read().decode()[-500:]}")
+                raise RuntimeError(f"vidseek serve {index_dir} exited: {log_path.read_text(errors='replace')[-500:]}")
             try:
                 if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
                     break
