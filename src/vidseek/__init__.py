@@ -5,7 +5,7 @@ The public entry points are imported lazily so `import vidseek` stays cheap.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from vidseek.version import __version__
 
 __all__ = ["__version__", "load", "load_encoder"]
 

@@ -14,7 +14,6 @@ from random init and loads weights only from a local path (`vidseek.encoders.wei
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,61 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vidseek.encoders.configs import CLIP_CONFIGS, clip_config, known_config_names  # noqa: F401 - re-exported
 from vidseek.encoders.tokenizer import tokenize as _tokenize
 from vidseek.encoders.weights import MLP_ACTIVATIONS, load_clip_weights, mlp_activation, set_mlp_activation
 from vidseek.errors import ConfigError
 from vidseek.models.base import TextFeatures
 
-#: Architectures by name, in open_clip's config format. "tiny" is ours (tests, demo, synthetic
-#: benchmark); the ViT entries are CLIP's Table 20 sizes and equal open_clip's own configs (a test
-#: checks). Any other open_clip model name with a ViT image tower also works in `build_clip`.
-CLIP_CONFIGS: dict[str, dict[str, Any]] = {
-    "ViT-B-32": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
-    },
-    "ViT-B-16": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
-    },
-    "ViT-L-14": {
-        "embed_dim": 768,
-        "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
-    },
-    "tiny": {
-        "embed_dim": 64,
-        # open_clip derives vision heads as width // head_width: 96 // 24 = 4 heads.
-        "vision_cfg": {"image_size": 48, "layers": 3, "width": 96, "patch_size": 8, "head_width": 24},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 96, "heads": 4, "layers": 2},
-    },
-}
-
 #: Top-level config keys `build_clip` understands; others (CoCa's multimodal_cfg, custom_text …)
 #: belong to architectures without the CLIP text tower layout.
 _CONFIG_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
-
-
-def known_config_names() -> list[str]:
-    """Our named configs plus every architecture open_clip ships a config for."""
-    import open_clip
-
-    return [*CLIP_CONFIGS, *(n for n in open_clip.list_models() if n not in CLIP_CONFIGS)]
-
-
-def clip_config(name: str) -> dict[str, Any]:
-    """A deep copy of the config for `name` (ours first, then open_clip's). ConfigError if unknown."""
-    if name in CLIP_CONFIGS:
-        return copy.deepcopy(CLIP_CONFIGS[name])
-    import open_clip
-
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ConfigError(f"unknown CLIP architecture '{name}'; use one of {', '.join(CLIP_CONFIGS)} "
-                          "or another open_clip model name")
-    return cfg
 
 
 @dataclass

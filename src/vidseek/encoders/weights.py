@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vidseek.encoders.configs import CLIP_CONFIGS, clip_config, known_config_names
 from vidseek.errors import CheckpointError
 
 #: Non-weight entries some checkpoints carry (OpenAI's TorchScript attributes, HF's buffers).
@@ -138,6 +139,16 @@ def _load_raw(path: Path) -> tuple[Any, bool]:
     if path.suffix == ".safetensors":
         return _load_safetensors(path), False
     return _load_torch_file(path)
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file holding the weights at `path` (a folder means its model file); CheckpointError if none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _resolve_folder(path)
+    if not path.is_file():
+        raise CheckpointError(f"CLIP weights {path} not found; pass the path of a local weights file")
+    return path
 
 
 def _resolve_folder(folder: Path) -> Path:
@@ -340,8 +351,6 @@ def config_architecture(config: Mapping[str, Any]) -> dict[str, Any] | None:
 def guess_clip_name(state: Mapping[str, Tensor]) -> str | None:
     """The first known CLIP config (ours first, then open_clip's, shortest name first) whose
     shapes match this state dict; None if none does."""
-    from vidseek.encoders.clip import CLIP_CONFIGS, known_config_names, clip_config
-
     arch = state_dict_architecture(state)
     if arch is None:
         return None

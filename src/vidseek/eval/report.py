@@ -106,7 +106,7 @@ def write_report(path: str | Path, results: Mapping[str, Any], settings: Mapping
             f"evaluation report settings lack {', '.join(missing)}; record them (None if not applicable) "
             "so the numbers can be reproduced"
         )
-    from vidseek import __version__
+    from vidseek.version import __version__
 
     report = {"metrics": _plain(results), "settings": _plain(settings), "vidseek_version": __version__}
     if per_query is not None:

@@ -1,4 +1,7 @@
-"""Dense vector index for the recall stage: FAISS (embedded, default) or Milvus.
+"""Dense vector index for the recall stage: the `DenseIndex` interface and its FAISS backend.
+
+The Milvus backend (`vidseek.index.milvus`) builds on this module; `vidseek.index.backends`
+chooses between them (`build_dense_index`, `load_dense_index`).
 
 Vectors are L2-normalised float32 embeddings (DESIGN.md "Data flow": ``models/<method>.index_video``
 → ``index/``), so the score is the inner product (= cosine similarity) and higher is better.
@@ -692,37 +695,3 @@ class FaissDenseIndex:
             else:
                 low = middle + 1
         return ladder[low], recall(ladder[low])
-
-
-# ------------------------------------------------------------------------------------------------
-# Factory functions
-# ------------------------------------------------------------------------------------------------
-def build_dense_index(dim: int, *, index_type: str = "auto", expected_count: int | None = None,
-                      memory_budget_bytes: int = 4 << 30, backend: str = "faiss",
-                      milvus_uri: str | None = None, collection: str = "vidseek") -> DenseIndex:
-    """An empty dense index. backend="faiss" (embedded) or "milvus" (milvus_uri: a local path for
-    milvus-lite, e.g. ``<index folder>/dense.db``, or ``http://host:19530`` for a server)."""
-    if backend == "faiss":
-        return FaissDenseIndex(dim, index_type=index_type, expected_count=expected_count,
-                               memory_budget_bytes=memory_budget_bytes)
-    if backend == "milvus":
-        from vidseek.index.milvus import MilvusDenseIndex
-
-        if not milvus_uri:
-            raise ConfigError("the milvus backend needs milvus_uri: a local file like <index folder>/dense.db "
-                              "(milvus-lite) or http://host:19530 (a Milvus server)")
-        return MilvusDenseIndex(dim, uri=milvus_uri, collection=collection, index_type=index_type,
-                                expected_count=expected_count, memory_budget_bytes=memory_budget_bytes)
-    raise ConfigError(f"unknown dense index backend {backend!r}: use 'faiss' or 'milvus'")
-
-
-def load_dense_index(folder: str | Path) -> DenseIndex:
-    """Open the index saved in `folder` (its dense.json says which backend)."""
-    meta = read_meta(folder)
-    if meta.get("backend") == "faiss":
-        return FaissDenseIndex.load(folder, meta)
-    if meta.get("backend") == "milvus":
-        from vidseek.index.milvus import MilvusDenseIndex
-
-        return MilvusDenseIndex.load(folder, meta)
-    raise SearchIndexError(f"{Path(folder) / DENSE_META_FILE} names unknown backend {meta.get('backend')!r}; rebuild the index")

@@ -91,9 +91,12 @@ class Indexer:
 
     def __init__(self, index_dir: str | Path, *, recall: str | None = None, rerank: str | None = None,
                  segment_seconds: float | None = None, overlap_seconds: float = 0.0, index_type: str = "auto",
-                 backend: str = "faiss", milvus_uri: str | None = None, memory_budget_bytes: int = 4 << 30,
+                 backend: str = "faiss", milvus_uri: str | None = None, milvus_collection: str | None = None,
+                 memory_budget_bytes: int = 4 << 30,
                  device: str = "cpu", batch_size: int = 8, workers: int = 2, progress: bool = True,
-                 beams: int | None = None):
+                 beams: int | None = None, weights: str | Path | None = None):
+        """`weights`: the CLIP weights file of zero-shot recall (`recall="clip:ARCH"`)."""
+        from vidseek.search.recall_spec import zero_shot_recall
         from vidseek.search.searcher import RecallOptions, open_recall, parse_recall_spec
 
         self.index_dir = Path(index_dir)
@@ -102,6 +105,12 @@ class Indexer:
         self.workers = workers
         self.progress = progress
         existing = read_index_json(self.index_dir) if (self.index_dir / INDEX_FILE).is_file() else None
+        requested = None  # (backend, checkpoint, CLIP architecture of zero-shot recall)
+        if recall is not None:
+            backend_name, checkpoint = parse_recall_spec(recall)
+            requested = (backend_name, *zero_shot_recall(backend_name, checkpoint, weights))
+        elif weights is not None:
+            raise ConfigError("--weights goes with --recall clip:ARCH (zero-shot recall); pass both")
         if existing is None:
             if recall is None:
                 raise ConfigError(f"{self.index_dir} holds no index yet: pass --recall CKPT (a two-tower checkpoint) to build one")
@@ -112,14 +121,18 @@ class Indexer:
                 "overlap_seconds": overlap_seconds if segment_seconds else 0.0,
                 "created_at": time.time(), "failures": [],
             }
-            backend_name, recall_checkpoint = parse_recall_spec(recall)
+            backend_name, recall_checkpoint, clip_arch = requested
             recall_sha = None
         else:
             self.meta = existing
             backend_name = existing["recall"]["backend"]
             recall_checkpoint, recall_sha = existing["recall"]["checkpoint"], existing["recall"]["sha256"]
-            self._check_same(existing, recall, rerank, segment_seconds, overlap_seconds)
+            self._check_same(existing, requested, rerank, segment_seconds, overlap_seconds)
+            clip_arch = None
+            if requested is not None:  # the same file (by hash), maybe moved: use it where it is now
+                recall_checkpoint = requested[1]
         options = RecallOptions(index_type=index_type, backend=backend, milvus_uri=milvus_uri,
+                                milvus_collection=milvus_collection, clip_arch=clip_arch,
                                 memory_budget_bytes=memory_budget_bytes, beams=beams)
         self.recall = open_recall(backend_name, recall_checkpoint, self.index_dir / RECALL_STATE_DIR, options,
                                   device=device, expected_sha256=recall_sha)
@@ -176,17 +189,17 @@ class Indexer:
                                    f"{self.entries.counts()['keys']} entries; run `vidseek verify {self.index_dir}` "
                                    f"and re-index into a new --out folder")
 
-    def _check_same(self, meta: dict[str, Any], recall: str | None, rerank: str | None,
+    def _check_same(self, meta: dict[str, Any], recall: tuple[str, str, str | None] | None, rerank: str | None,
                     segment_seconds: float | None, overlap_seconds: float) -> None:
-        """An existing index keeps its models and windows; a different request is a user error."""
-        from vidseek.search.searcher import parse_recall_spec
-
+        """An existing index keeps its models and windows; a different request is a user error.
+        `recall`: the requested (backend, checkpoint, CLIP architecture of zero-shot recall)."""
         if recall is not None:
-            backend_name, checkpoint = parse_recall_spec(recall)
-            if backend_name != meta["recall"]["backend"] or not _same_checkpoint(checkpoint, meta["recall"]):
+            backend_name, checkpoint, clip_arch = recall
+            if backend_name != meta["recall"]["backend"] or clip_arch != meta["recall"].get("arch") \
+                    or not _same_checkpoint(checkpoint, meta["recall"]):
                 raise SearchIndexError(
                     f"index {self.index_dir} was built with recall model {meta['recall']['checkpoint']} (sha256 "
-                    f"{meta['recall']['sha256'][:12]}), not {recall}; re-run with that checkpoint (or without "
+                    f"{meta['recall']['sha256'][:12]}), not {checkpoint}; re-run with that checkpoint (or without "
                     f"--recall) to add to it, or use a new --out folder")
         if rerank is not None and (not meta.get("rerank") or not _same_checkpoint(rerank, meta["rerank"])):
             built = meta["rerank"]["checkpoint"] if meta.get("rerank") else "no reranker"
@@ -334,7 +347,7 @@ class Indexer:
     def _write_meta(self, with_manifest: bool = True) -> None:
         """Write index.json atomically: models, provenance, counts, failures and — once the files
         are complete — the manifest (`integrity`) that every open checks."""
-        from vidseek import __version__
+        from vidseek.version import __version__
         from vidseek.search.integrity import MANIFEST_KEY, make_manifest
         from vidseek.store import Catalog
         from vidseek.store.shards import CATALOG_FILE

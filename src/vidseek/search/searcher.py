@@ -89,6 +89,8 @@ class RecallOptions:
     index_type: str = "auto"
     backend: str = "faiss"  # dense index backend: "faiss" or "milvus"
     milvus_uri: str | None = None  # default for milvus: <index>/recall/milvus.db (milvus-lite)
+    milvus_collection: str | None = None  # default: derived from the index folder's name, recorded
+    clip_arch: str | None = None  # zero-shot recall (--recall clip:ARCH): the CLIP architecture
     memory_budget_bytes: int = 4 << 30
     # GRDR beam width at search time (and the default stored at index time); None: the index's own.
     beams: int | None = None
@@ -103,7 +105,7 @@ RECALL_BACKENDS: dict[str, RecallBuilder] = {}
 DEFAULT_RECALL_BACKEND = "dense"
 #: Modules that may add backends through a `register_recall_backends(register)` hook, imported on
 #: first lookup (a module that has not landed is skipped), like the preset registry's providers.
-_RECALL_PROVIDERS: list[str] = ["vidseek.models.grdr"]
+_RECALL_PROVIDERS: list[str] = ["vidseek.models.grdr", "vidseek.search.zero_shot"]
 _providers_loaded = False
 
 
@@ -182,7 +184,7 @@ class DenseRecall:
         self._expected_count: int | None = None
         self.index = None
         if (self.state_dir / "dense.json").is_file():
-            from vidseek.index.dense import load_dense_index
+            from vidseek.index.backends import load_dense_index
 
             self.index = load_dense_index(self.state_dir)
 
@@ -199,7 +201,7 @@ class DenseRecall:
 
     def _ensure_index(self, dim: int) -> Any:
         if self.index is None:
-            from vidseek.index.dense import build_dense_index
+            from vidseek.index.backends import build_dense_index
 
             uri = self.options.milvus_uri
             if self.options.backend == "milvus" and uri is None:
@@ -208,7 +210,8 @@ class DenseRecall:
             self.index = build_dense_index(dim, index_type=self.options.index_type,
                                            expected_count=self._expected_count,
                                            memory_budget_bytes=self.options.memory_budget_bytes,
-                                           backend=self.options.backend, milvus_uri=uri)
+                                           backend=self.options.backend, milvus_uri=uri,
+                                           collection=self.options.milvus_collection, folder=self.state_dir)
         return self.index
 
     def video_vectors(self, features: Any) -> np.ndarray:
@@ -252,6 +255,8 @@ class DenseRecall:
         info = {"backend": DEFAULT_RECALL_BACKEND, **self.loaded.describe()}
         if self.index is not None:
             info.update(index_type=self.index.index_type, dense_backend=self.index.backend)
+            if self.index.backend == "milvus":
+                info.update(milvus_uri=self.index.uri, milvus_collection=self.index.collection)
         return info
 
     def __len__(self) -> int:

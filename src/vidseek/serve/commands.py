@@ -23,7 +23,10 @@ def index_cmd(
                                                             "(with --remove: the video ids to delete)."),
     out: Path = typer.Option(..., "--out", help="Index folder (created, or updated incrementally)."),
     recall: Optional[str] = typer.Option(None, "--recall", help="Recall checkpoint: CKPT (dense two-tower/PIG) "
-                                                                 "or grdr:CKPT. Needed for a new index."),
+                                                                 "or grdr:CKPT, or clip:ARCH (zero-shot CLIP, "
+                                                                 "with --weights). Needed for a new index."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="CLIP weights file for --recall clip:ARCH "
+                                                                    "(OpenAI .pt, open_clip, Hugging Face)."),
     rerank: Optional[str] = typer.Option(None, "--rerank", help="Reranker checkpoint (e.g. TC-MGC)."),
     remove: bool = typer.Option(False, "--remove", help="Delete the given video ids from the index."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of a dataset."),
@@ -33,6 +36,8 @@ def index_cmd(
     backend: str = typer.Option("faiss", "--backend", help="Dense index backend: faiss or milvus."),
     milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="Milvus server URI or milvus-lite file "
                                                                          "(default <out>/recall/milvus.db)."),
+    milvus_collection: Optional[str] = typer.Option(None, "--milvus-collection", help="This index's own Milvus "
+                                                     "collection (default: vidseek_<out name>_<random>, recorded)."),
     memory_budget: str = typer.Option("4G", "--memory-budget", help="RAM the dense index may use (chooses PQ above it)."),
     beams: Optional[int] = typer.Option(None, "--beams", help=BEAMS_HELP + " Stored as the index's default."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -48,16 +53,17 @@ def index_cmd(
     if remove:
         if not items:
             raise ConfigError("--remove needs the video ids to delete, e.g. `vidseek index --out IDX --remove cat/clip1`")
-        with Indexer(out, recall=recall, rerank=rerank, device=device, progress=False, beams=beams) as indexer:
+        with Indexer(out, recall=recall, rerank=rerank, device=device, progress=False, beams=beams,
+                     weights=weights) as indexer:
             removed = indexer.remove(items)
         typer.echo(f"removed {removed} entries of {len(items)} video id(s) from {out}")
         return
     if len(items) != 1:
         raise ConfigError(f"pass exactly one video source (folder, dataset folder or .jsonl), got {len(items)}")
     with Indexer(out, recall=recall, rerank=rerank, segment_seconds=segment_seconds, overlap_seconds=overlap,
-                 index_type=index_type, backend=backend, milvus_uri=milvus_uri,
+                 index_type=index_type, backend=backend, milvus_uri=milvus_uri, milvus_collection=milvus_collection,
                  memory_budget_bytes=parse_memory(memory_budget), device=device, batch_size=batch_size,
-                 workers=workers, beams=beams) as indexer:
+                 workers=workers, beams=beams, weights=weights) as indexer:
         summary = indexer.add(items[0], split=split)
     typer.echo(f"indexed {summary.added} new entries ({summary.processed} extracted, {summary.skipped_existing} "
                f"already stored, {summary.failed} failed); index now holds {summary.total_videos} videos / "

@@ -254,7 +254,7 @@ class FeatureStore:
         encoders / weights / frame counts / sizes in one store would silently corrupt retrieval.
         `weights` identifies the encoder's weights (`provenance.weights_fingerprint`).
         """
-        from vidseek import __version__
+        from vidseek.version import __version__
 
         root = Path(root)
         if patches and not grid:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidseek import __version__
+from vidseek.version import __version__
 from vidseek.errors import CheckpointError
 from vidseek.utils import atomic_torch_save
 

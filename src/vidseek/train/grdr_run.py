@@ -201,7 +201,7 @@ def load_grdr_run(checkpoint: str | Path, device: str = "cpu") -> GRDRRun:
 
 def _save_run_checkpoint(path: Path, model: GRDR, preset: "Preset", dense: "LoadedModel", step: int,
                          best: dict[str, Any], val: dict[str, float]) -> None:
-    from vidseek import __version__
+    from vidseek.version import __version__
     from vidseek.train.checkpoint import CHECKPOINT_FORMAT
     from vidseek.utils import atomic_torch_save
 
