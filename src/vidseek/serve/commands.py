@@ -14,6 +14,9 @@ import typer
 from vidseek.errors import ConfigError
 
 
+RAY_HELP = ("Decode + encode on a Ray cluster (one actor per GPU, else per CPU); this process writes the "
+            "store. ADDRESS: HOST:PORT of the head, ray://HOST:10001 or auto; none: RAY_ADDRESS, else a local "
+            "Ray. --out must be on storage every node shares. Put --ray after the video source.")
 BEAMS_HELP = ("GRDR beam width (grdr: recall only): more beams recall more candidates, slower; "
               "default: the index's own, else the preset's full-corpus width.")
 
@@ -38,6 +41,8 @@ def index_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
     device: str = typer.Option("cpu", "--device"),
+    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                                      help=RAY_HELP),
 ) -> None:
     """Index a video collection for text search (re-run to add new videos; --remove to delete)."""
     from vidseek.search.indexer import Indexer, parse_memory
@@ -57,7 +62,7 @@ def index_cmd(
     with Indexer(out, recall=recall, rerank=rerank, segment_seconds=segment_seconds, overlap_seconds=overlap,
                  index_type=index_type, backend=backend, milvus_uri=milvus_uri,
                  memory_budget_bytes=parse_memory(memory_budget), device=device, batch_size=batch_size,
-                 workers=workers, beams=beams) as indexer:
+                 workers=workers, beams=beams, ray=ray) as indexer:
         summary = indexer.add(items[0], split=split)
     typer.echo(f"indexed {summary.added} new entries ({summary.processed} extracted, {summary.skipped_existing} "
                f"already stored, {summary.failed} failed); index now holds {summary.total_videos} videos / "
