@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from vidseek.errors import ConfigError, VidseekError
+from vidseek.search.batching import BatchSettings, QueryBatcher
 from vidseek.search.indexer import THUMBNAIL_DIR
 from vidseek.search.searcher import MAX_QUERY_CHARS, Hit, Searcher, check_query
 
@@ -108,16 +109,22 @@ def make_thumbnail(video_path: str, start: float | None, end: float | None, out:
         image.save(tmp, format="JPEG", quality=85)
 
 
-def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher | None = None) -> FastAPI:
-    """The FastAPI app over `index_dir` (a `Searcher` is opened now, so a bad index fails at start)."""
+def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher | None = None,
+               batching: BatchSettings | None = None) -> FastAPI:
+    """The FastAPI app over `index_dir` (a `Searcher` is opened now, so a bad index fails at start).
+    `batching`: run concurrent searches together (`vidseek.search.batching`); None: one at a time."""
     index_dir = Path(index_dir)
     engine = searcher or Searcher(index_dir, device=device)
+    batcher = None if batching is None else QueryBatcher(engine, batching)
+    search = engine.search if batcher is None else batcher.search
     thumbnail_dir = index_dir / THUMBNAIL_DIR
     thumbnail_lock = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        if batcher is not None:
+            batcher.close()
         if searcher is None:  # close only what this app opened
             engine.close()
 
@@ -131,7 +138,7 @@ def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher
 
     def run_search(q: str, k: int, recall_k: int, rerank: bool) -> dict[str, Any]:
         text = check_query(q)  # ConfigError → 422 with its one-line message
-        hits = engine.search(text, k=k, recall_k=recall_k, rerank=rerank)
+        hits = search(text, k=k, recall_k=recall_k, rerank=rerank)
         return {"query": text, "k": k, "reranked": bool(rerank and engine.meta.get("rerank")),
                 "results": [hit_json(h) for h in hits]}
 
