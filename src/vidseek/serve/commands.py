@@ -116,15 +116,18 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     device: str = typer.Option("cpu", "--device"),
+    workers: int = typer.Option(1, "--workers", help="Server processes, each with its own read-only copy of the index."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Concurrent queries encoded together (1: no batching)."),
+    batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a query waits for others to batch with."),
 ) -> None:
     """Serve the search API and web page (http://HOST:PORT/, API docs at /docs)."""
-    import uvicorn
+    from vidseek.search.batching import BatchSettings
+    from vidseek.serve.workers import run_server
 
-    from vidseek.serve.app import create_app
-
-    app = create_app(index, device=device)
+    settings = BatchSettings(max_batch, batch_wait_ms)  # validates both
+    batching = settings if settings.max_batch > 1 else None
     typer.echo(f"vidseek: serving {index} at http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(index, host, port, workers=workers, device=device, batching=batching)
 
 
 def demo_cmd(
