@@ -13,6 +13,7 @@ and search results — also after `kill -9` of the driver in the middle of a run
 """
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import shutil
@@ -20,10 +21,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,10 @@ from vidseek.store.shards import StoredItem
 
 pytestmark = pytest.mark.slow
 
-REPO_SRC = Path(__file__).resolve().parents[1] / "src"
 FRAMES = 4
 BATCH = 2
 CLIPS = 8
-HEAD_PORT = 6379  # free by construction: the namespace is private
 DRIVER_TIMEOUT_S = 420
-HEAD_START_ATTEMPTS = 3
 QUERIES = ["a red circle moves left", "a blue square grows then shrinks", "a green triangle rotates"]
 
 
@@ -77,75 +73,36 @@ def test_one_actor_per_gpu_else_per_cpu():
 
 # --- the loopback-only Ray cluster ---------------------------------------------------------------------
 
-@dataclass
-class Cluster:
-    netns: str
-    address: str
-    env: dict[str, str]
-
-    def command(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *args]
-
-    def run_vidseek(self, *args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run(self.command(sys.executable, "-m", "vidseek.cli", *args), env=self.env,
-                              capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S)
-        assert done.returncode == 0, f"vidseek {' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-3000:]}"
-        return done
-
-
-def _netns_pids(name: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _stop_everything_in(netns: str) -> None:
-    """Every process in the namespace is one the fixture started (the head and what it spawned)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _netns_pids(netns):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while _netns_pids(netns) and time.monotonic() < deadline:
-            time.sleep(0.2)
+BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ingest.py"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the Ray tests run Ray in a private loopback-only network namespace: they need root and "
-                    "iproute2's `ip` (apt-get install iproute2)")
-    name = f"vidseek-ray-{os.getpid()}"
-    setup = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if setup.returncode != 0:
-        pytest.fail(f"cannot create network namespace {name}: {setup.stderr.strip()}")
-    temp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 chars
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_SRC), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           # Token auth would write ~/.ray/auth_token; nothing outside this namespace can reach the cluster.
-           "RAY_AUTH_MODE": "disabled"}
+    """The loopback-only cluster of benchmarks/ingest.py (one Ray head, 2 CPUs, for the module)."""
+    spec = importlib.util.spec_from_file_location("bench_ingest", BENCH_PATH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve their annotations through sys.modules
     try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        ray_cli = str(Path(sys.executable).with_name("ray"))
-        for attempt in range(HEAD_START_ATTEMPTS):
-            head = subprocess.run(["ip", "netns", "exec", name, ray_cli, "start", "--head", f"--port={HEAD_PORT}",
-                                   "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-                                   f"--temp-dir={temp}", "--disable-usage-stats"],
-                                  env=env, capture_output=True, text=True, timeout=300)
-            if head.returncode == 0:
-                break
-            # On a saturated machine the raylet can give up waiting for its agent (a fixed
-            # timeout inside Ray): clear the namespace and start again.
-            _stop_everything_in(name)
-        else:
-            pytest.fail(f"`ray start --head` failed {HEAD_START_ATTEMPTS} times in namespace {name}: "
-                        f"{head.stderr[-2000:]}")
-        yield Cluster(name, f"127.0.0.1:{HEAD_PORT}", env)
+        spec.loader.exec_module(bench)
+        running = bench.loopback_ray_cluster(cpus=2)
+        try:
+            started = running.__enter__()
+        except RuntimeError as err:
+            pytest.fail(str(err))
+        try:
+            yield started
+        finally:
+            running.__exit__(None, None, None)
     finally:
-        _stop_everything_in(name)
-        subprocess.run(["ip", "netns", "del", name], check=False)
-        shutil.rmtree(temp, ignore_errors=True)
+        sys.modules.pop(spec.name, None)
+
+
+def run_vidseek(cluster, *args: str) -> subprocess.CompletedProcess:
+    """`vidseek ARGS` as a Ray driver inside the cluster's namespace."""
+    done = subprocess.run(cluster.command(sys.executable, "-m", "vidseek.cli", *args), env=cluster.env,
+                          capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S)
+    assert done.returncode == 0, f"vidseek {' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    return done
 
 
 def _host(address: str) -> str:
@@ -159,7 +116,7 @@ def test_ray_stays_on_loopback(cluster, data):
     and the Ray processes really are inside it."""
     links = subprocess.run(cluster.command("ip", "-o", "link", "show"), capture_output=True, text=True, check=True)
     assert [line.split(":")[1].strip() for line in links.stdout.splitlines()] == ["lo"]
-    names = {Path(os.readlink(f"/proc/{pid}/exe")).name for pid in _netns_pids(cluster.netns)
+    names = {Path(os.readlink(f"/proc/{pid}/exe")).name for pid in cluster.pids()
              if os.path.exists(f"/proc/{pid}/exe")}
     assert {"gcs_server", "raylet"} <= names
     # A driver running keeps connections open; look while one does.
@@ -238,7 +195,7 @@ def test_extract_on_ray_equals_single_process_extract(cluster, data, tmp_path):
 
     reference = extract(data["videos"], build_clip("tiny", weights=data["weights"]), tmp_path / "local",
                         frames=FRAMES, batch_size=BATCH, workers=0, progress=False)
-    done = cluster.run_vidseek("extract", str(data["videos"]), "--out", str(tmp_path / "ray"), "--model", "tiny",
+    done = run_vidseek(cluster, "extract", str(data["videos"]), "--out", str(tmp_path / "ray"), "--model", "tiny",
                                "--weights", str(data["weights"]), "--frames", str(FRAMES),
                                "--batch-size", str(BATCH), "--ray", cluster.address)
     assert f"processed {CLIPS}, already done 0, failed 1" in done.stdout
@@ -251,7 +208,7 @@ def test_extract_on_ray_equals_single_process_extract(cluster, data, tmp_path):
     assert failed == ref_failed and [k for k, _ in failed] == ["broken"]
     assert not (tmp_path / "ray" / PARTS_DIR).exists()  # every part committed, then removed
 
-    again = cluster.run_vidseek("extract", str(data["videos"]), "--out", str(tmp_path / "ray"), "--model", "tiny",
+    again = run_vidseek(cluster, "extract", str(data["videos"]), "--out", str(tmp_path / "ray"), "--model", "tiny",
                                 "--weights", str(data["weights"]), "--frames", str(FRAMES), "--ray", cluster.address)
     assert f"processed 0, already done {CLIPS}, failed 1" in again.stdout  # resumable: only the failure retried
 
@@ -308,7 +265,7 @@ def test_index_on_ray_killed_mid_run_then_rerun_equals_single_process(cluster, d
         assert 0 < len(store) < CLIPS  # killed in the middle: some, not all, committed
     assert not (index / "index.json").exists() or entry_rows(index) == []
 
-    done = cluster.run_vidseek(*argv)
+    done = run_vidseek(cluster, *argv)
     assert f"indexed {CLIPS} new entries" in done.stdout and "1 failed)" in done.stdout
     assert entry_rows(index) == entry_rows(tmp_path / "local")  # the same ids for the same keys, nothing twice
     keys, frames, masks, failed = store_contents(index / "features")
