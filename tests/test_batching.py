@@ -7,19 +7,14 @@ runs the same unbatched computation on its own copy of the index.
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import imported_benchmark
 from test_search import tiny_index
 from vidseek.errors import ConfigError
 from vidseek.search.batching import BatchSettings, QueryBatcher
@@ -28,7 +23,6 @@ from vidseek.search.searcher import Searcher
 QUERIES = ["a small red circle moves to the left", "a blue square grows", "a green triangle rotates",
            "a yellow star blinks then stays", "two shapes move up", "a purple circle shrinks",
            "an orange square moves right then down", "a red triangle moves diagonally"]
-REPO_SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # --- the batcher against a recording fake ------------------------------------------------------------
@@ -153,35 +147,14 @@ def test_http_app_with_batching_answers_like_the_searcher(index):
 
 # --- several server processes ----------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_serve_workers_each_load_the_index_and_answer_identically(index):
     import httpx
 
     with Searcher(index) as searcher:
         expected = {q: [h.to_dict() for h in searcher.search(q, k=5)] for q in QUERIES}
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_SRC), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "vidseek.cli", "serve", str(index), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "2", "--max-batch", "1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"vidseek serve --workers 2 exited: {server.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "vidseek serve --workers 2 did not come up"
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        seen: set[str] = set()
+    seen: set[str] = set()
+    with imported_benchmark("search") as bench, \
+            bench.serve_subprocess(index, ["--workers", "2", "--max-batch", "1"], threads=1) as base:
 
         def ask(query: str) -> tuple[str, str, list]:
             with httpx.Client(base_url=base, timeout=120) as client:  # a new connection: any worker may take it
@@ -197,11 +170,4 @@ def test_serve_workers_each_load_the_index_and_answer_identically(index):
                     assert [{k: v for k, v in hit.items() if k in single[0]} for hit in results] == single
                 if len(seen) == 2:
                     break
-        assert len(seen) == 2 and str(server.pid) not in seen  # two worker processes, not the supervisor
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    assert len(seen) == 2  # two processes answered, each from the index it opened itself

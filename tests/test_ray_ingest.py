@@ -13,7 +13,6 @@ and search results — also after `kill -9` of the driver in the middle of a run
 """
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import os
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import imported_benchmark
 from vidseek.store import FeatureStore
 from vidseek.store.extract import EncodedBatch, VideoSource, _Decoded, _VideoJob, extract
 from vidseek.store.ray_ingest import PARTS_DIR, actor_resources, job_from_json, job_to_json, read_part, write_part
@@ -73,17 +73,10 @@ def test_one_actor_per_gpu_else_per_cpu():
 
 # --- the loopback-only Ray cluster ---------------------------------------------------------------------
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ingest.py"
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """The loopback-only cluster of benchmarks/ingest.py (one Ray head, 2 CPUs, for the module)."""
-    spec = importlib.util.spec_from_file_location("bench_ingest", BENCH_PATH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(bench)
+    with imported_benchmark("ingest") as bench:
         running = bench.loopback_ray_cluster(cpus=2)
         try:
             started = running.__enter__()
@@ -93,8 +86,6 @@ def cluster():
             yield started
         finally:
             running.__exit__(None, None, None)
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def run_vidseek(cluster, *args: str) -> subprocess.CompletedProcess:
