@@ -38,7 +38,7 @@ import numpy as np
 
 from vidseek.errors import ConfigError, VidseekError
 from vidseek.store.extract import (EncodedBatch, VideoSource, _Decoded, _decode_job, _DecodeSettings, _VideoJob,
-                                   encode_in_batches, prepare_encoder)
+                                   encode_in_batches, local_batches, prepare_encoder)
 from vidseek.store.shards import StoredItem
 from vidseek.utils import atomic_path
 
@@ -215,6 +215,4 @@ class RayRunner:
 
 def runner_for(ray_address: str | None) -> Any:
     """The `extract` runner for a `--ray` option: None → this process, else a `RayRunner`."""
-    from vidseek.store.extract import local_batches
-
     return local_batches if ray_address is None else RayRunner(ray_address)
