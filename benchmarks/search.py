@@ -604,6 +604,122 @@ def milvus_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# Throughput at 16 clients: `vidseek serve` as one process (before) vs --workers 2 vs batching
+# ------------------------------------------------------------------------------------------------
+#: label -> `vidseek serve` options. Every configuration gets the same CPU budget (--serve-cores
+#: torch threads in all, split over its processes), so the rows compare ways of using it.
+SERVE_CONFIGS = {
+    "1 process, one query at a time (before)": ["--workers", "1", "--max-batch", "1"],
+    "--workers 2": ["--workers", "2", "--max-batch", "1"],
+    "batching (max 16, 2 ms)": ["--workers", "1", "--max-batch", "16", "--batch-wait-ms", "2"],
+    "--workers 2 + batching": ["--workers", "2", "--max-batch", "16", "--batch-wait-ms", "2"],
+}
+
+
+@contextmanager
+def serve_subprocess(index_dir: Path, options: Sequence[str], threads: int, timeout_s: float = 300.0) -> Iterator[str]:
+    """`vidseek serve INDEX` on a free 127.0.0.1 port in a child process; yields its base URL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "vidseek.cli", "serve", str(index_dir), "--host", "127.0.0.1",
+                               "--port", str(port), *options], env=env, stdout=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`vidseek serve {' '.join(options)}` did not come up on port {port}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        yield base_url
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _check_served_results(base_url: str, expected: dict[str, list[Any]]) -> None:
+    """Same videos in the same order as one in-process query at a time; scores to 1e-5 (batched
+    GEMMs and other thread counts may round differently in the last bits)."""
+    import httpx
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(text: str) -> list[dict[str, Any]]:
+        return httpx.get(f"{base_url}/search", params={"q": text, "k": K}, timeout=120).json()["results"]
+
+    with ThreadPoolExecutor(16) as pool:  # concurrently, so batching really batches them
+        served = dict(zip(expected, pool.map(ask, list(expected))))
+    for text, hits in expected.items():
+        got = served[text]
+        if [h["video_id"] for h in got] != [h.video_id for h in hits] or not np.allclose(
+                [h["score"] for h in got], [h.score for h in hits], rtol=0, atol=1e-5):
+            raise RuntimeError(f"served results differ from the in-process search for {text!r}")
+
+
+def bench_serve_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Requests/s of `vidseek serve` with 16 keep-alive clients per SERVE_CONFIGS row, servers
+    started one after another in interleaved rounds, each checked against in-process results."""
+    from vidseek.search.searcher import Searcher
+
+    root = Path(tempfile.mkdtemp(prefix="vidseek-bench-throughput-"))
+    try:
+        index_dir, captions = build_real_index(root, "b32")
+        grow_index(index_dir, args.throughput_size, args.seed)
+        texts = [captions[n % len(captions)] for n in range(args.throughput_requests)]
+        with Searcher(index_dir) as searcher:
+            expected = {text: searcher.search(text, k=K) for text in dict.fromkeys(texts[:32])}
+        requests = [HttpRequest("GET", "/search", params={"q": text, "k": K}) for text in texts]
+        samples: dict[str, list[tuple[float, np.ndarray]]] = {label: [] for label in SERVE_CONFIGS}
+        for _ in range(args.throughput_rounds):
+            for label, options in SERVE_CONFIGS.items():
+                workers = int(options[options.index("--workers") + 1])
+                with serve_subprocess(index_dir, options, threads=max(1, args.serve_cores // workers)) as base_url:
+                    _check_served_results(base_url, expected)
+                    http_latencies(base_url, requests[:32], 16)  # warm every worker
+                    began = time.perf_counter()
+                    latencies = http_latencies(base_url, requests, 16)
+                    samples[label].append((len(requests) / (time.perf_counter() - began), latencies))
+        rows = []
+        for label, runs in samples.items():
+            rows.append({"label": label, "qps": [qps for qps, _ in runs],
+                         "latency": p50_p99_ms(np.concatenate([lat for _, lat in runs]))})
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def throughput_markdown_table(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
+    before = float(np.median(rows[0]["qps"]))
+    lines = [f"`vidseek serve`, ViT-B/32 text tower (random init), {args.throughput_size:,} entries, 16 clients, "
+             f"{args.throughput_requests} requests × {args.throughput_rounds} interleaved rounds, "
+             f"{args.serve_cores} torch threads per configuration; results checked against in-process searches",
+             "",
+             "| configuration | requests/s (median; each round) | × before | latency p50 / p99 ms |",
+             "|---|---:|---:|---:|"]
+    for row in rows:
+        qps = float(np.median(row["qps"]))
+        lines.append(f"| {row['label']} | {qps:.1f} ({', '.join(f'{q:.1f}' for q in row['qps'])}) | "
+                     f"{qps / before:.2f}× | {row['latency'][0]:.0f} / {row['latency'][1]:.0f} |")
+    return "\n".join(lines)
+
+
+
+
 def parse_sizes(text: str) -> list[int]:
     """'10000, 100000' → [10000, 100000]; '' → [] (skip that table)."""
     return [int(size) for size in text.split(",") if size.strip()]
@@ -633,6 +749,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "('' skips it; needs root for the loopback-only network namespace)")
     parser.add_argument("--milvus-clients", type=int, default=8, help="concurrent clients of the Milvus table")
     parser.add_argument("--milvus-requests", type=int, default=320, help="requests per column of the Milvus table")
+    parser.add_argument("--throughput-requests", type=int, default=320,
+                        help="requests per configuration and round of the `vidseek serve` throughput table (0 skips it)")
+    parser.add_argument("--throughput-size", type=int, default=10_000, help="entries of the throughput table's index")
+    parser.add_argument("--throughput-rounds", type=int, default=2, help="interleaved rounds of the throughput table")
+    parser.add_argument("--serve-cores", type=int, default=2,
+                        help="torch threads per served configuration, split over its worker processes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = [10_000] if args.quick else parse_sizes(args.sizes)
@@ -666,6 +788,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if milvus_rows:
         print()
         print(milvus_markdown_table(milvus_rows))
+    if args.throughput_requests:
+        print()
+        print(throughput_markdown_table(bench_serve_throughput(args), args))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 """Shared test fixtures. Tests never touch the network: HF_HUB_OFFLINE is forced here too."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,3 +32,17 @@ def tiny_synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     generate(out, SynthConfig(num_videos=40, seed=3, frames=8, size=32), progress=False)
     return out
+
+
+@contextmanager
+def imported_benchmark(name: str) -> Iterator[ModuleType]:
+    """benchmarks/<name>.py imported as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

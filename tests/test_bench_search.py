@@ -1,27 +1,15 @@
 """Helpers of benchmarks/search.py: the synthetic entries that grow a real index, size parsing."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from conftest import imported_benchmark
 from vidseek.search.indexer import Entry
-
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_search", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with imported_benchmark("search") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_synthetic_rows_cycle_over_real_files_with_unique_ids(bench):

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from vidseek.errors import VidseekError
+from vidseek.serve.commands import RAY_HELP
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="vidseek: text-to-video retrieval — train, evaluate, index, search, serve.")
 
@@ -45,14 +46,18 @@ def extract(
     overlap: float = typer.Option(0.0, "--overlap", help="Window overlap in seconds."),
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
+    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                                      help=RAY_HELP),
 ) -> None:
     """Extract per-frame CLIP features into a resumable feature store."""
     from vidseek.encoders import build_clip
     from vidseek.store.extract import extract as run_extract
+    from vidseek.store.ray_ingest import runner_for
 
     encoder = build_clip(model, weights=weights)
     summary = run_extract(source, encoder, out, frames=frames, patches=patches, split=split,
-                          segment_seconds=segment_seconds, overlap_seconds=overlap, batch_size=batch_size, workers=workers)
+                          segment_seconds=segment_seconds, overlap_seconds=overlap, batch_size=batch_size, workers=workers,
+                          runner=runner_for(ray))
     typer.echo(f"processed {summary.processed}, already done {summary.skipped_existing}, failed {summary.failed} "
                f"({summary.videos_per_second:.1f} videos/s)")
     for key, err in summary.failures[:20]:

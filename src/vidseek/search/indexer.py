@@ -94,16 +94,19 @@ class Indexer:
                  backend: str = "faiss", milvus_uri: str | None = None, milvus_collection: str | None = None,
                  memory_budget_bytes: int = 4 << 30,
                  device: str = "cpu", batch_size: int = 8, workers: int = 2, progress: bool = True,
-                 beams: int | None = None, weights: str | Path | None = None):
-        """`weights`: the CLIP weights file of zero-shot recall (`recall="clip:ARCH"`)."""
+                 beams: int | None = None, weights: str | Path | None = None, ray: str | None = None):
+        """`weights`: the CLIP weights file of zero-shot recall (`recall="clip:ARCH"`).
+        `ray`: extract on the Ray cluster at this address (`vidseek.store.ray_ingest.RayRunner`)."""
         from vidseek.search.recall_spec import zero_shot_recall
         from vidseek.search.searcher import RecallOptions, open_recall, parse_recall_spec
+        from vidseek.store.ray_ingest import runner_for
 
         self.index_dir = Path(index_dir)
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
         self.progress = progress
+        self.runner = runner_for(ray)
         existing = read_index_json(self.index_dir) if (self.index_dir / INDEX_FILE).is_file() else None
         requested = None  # (backend, checkpoint, CLIP architecture of zero-shot recall)
         if recall is not None:
@@ -233,7 +236,7 @@ class Indexer:
         self.recall.expect_count(expected + self.entries.counts()["keys"])
         segment, overlap = self.meta["segment_seconds"], self.meta["overlap_seconds"]
         common = dict(split=split, segment_seconds=segment, overlap_seconds=overlap, batch_size=self.batch_size,
-                      workers=self.workers, progress=self.progress, device=self.device)
+                      workers=self.workers, progress=self.progress, device=self.device, runner=self.runner)
         # A frames-embedding recall model reads pixels, not features: one frame per item keeps the catalog.
         summary = extract(source, self.recall.image_tower, self.index_dir / RECALL_STORE_DIR,
                           frames=1 if self.recall_from_frames else self.recall.frames,

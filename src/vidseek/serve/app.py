@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from vidseek.errors import ConfigError, SearchIndexError, VidseekError
+from vidseek.search.batching import BatchSettings, QueryBatcher
 from vidseek.search.indexer import THUMBNAIL_DIR, Entry
 from vidseek.search.searcher import MAX_QUERY_CHARS, Hit, Searcher, check_query, visible_character_pattern
 from vidseek.serve.files import ChangedOnDisk, RecordedFile, file_response, open_indexed_file
@@ -198,17 +199,23 @@ def recorded_file(entry: Entry) -> RecordedFile:
 
 # --- the app -------------------------------------------------------------------------------------
 
-def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher | None = None) -> FastAPI:
+def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher | None = None,
+               batching: BatchSettings | None = None) -> FastAPI:
     """The FastAPI app over `index_dir` (a `Searcher` is opened now, so a bad index fails at start;
-    a given `searcher` is used until the index changes on disk and is never closed here)."""
+    a given `searcher` is used until the index changes on disk and is never closed here).
+    `batching`: run concurrent searches together (`vidseek.search.batching`); None: one at a time.
+    A batch runs on the index generation current when it starts (`LiveIndex.search_batch`)."""
     index_dir = Path(index_dir)
     index = LiveIndex(index_dir, lambda: Searcher(index_dir, device=device), first=searcher)
+    batcher = None if batching is None else QueryBatcher(index, batching)
     thumbnail_dir = index_dir / THUMBNAIL_DIR
     thumbnail_lock = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        if batcher is not None:
+            batcher.close()
         index.close()
 
     app = FastAPI(title="vidseek", version=str(index.searcher.meta.get("vidseek_version", "")), lifespan=lifespan,
@@ -218,9 +225,13 @@ def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher
     _install_error_handlers(app)
 
     def run_search(q: str, k: int, recall_k: int, rerank: bool) -> dict[str, Any]:
-        with index.use() as engine:
-            hits = engine.search(q, k=k, recall_k=recall_k, rerank=rerank)
-            reranked = bool(rerank and engine.meta.get("rerank"))
+        if batcher is not None:
+            hits = batcher.search(q, k=k, recall_k=recall_k, rerank=rerank)
+            reranked = bool(rerank and index.searcher.meta.get("rerank"))
+        else:
+            with index.use() as engine:
+                hits = engine.search(q, k=k, recall_k=recall_k, rerank=rerank)
+                reranked = bool(rerank and engine.meta.get("rerank"))
         return {"query": q, "k": k, "reranked": reranked, "results": [hit_json(h) for h in hits]}
 
     @app.get("/search", summary="Search (query string)", response_model=SearchResponse)

@@ -14,6 +14,9 @@ import typer
 from vidseek.errors import ConfigError
 
 
+RAY_HELP = ("Decode + encode on a Ray cluster (one actor per GPU, else per CPU); this process writes the "
+            "store. ADDRESS: HOST:PORT of the head, ray://HOST:10001 or auto; none: RAY_ADDRESS, else a local "
+            "Ray. --out must be on storage every node shares. Put --ray after the video source.")
 BEAMS_HELP = ("GRDR beam width (grdr: recall only): more beams recall more candidates, slower; "
               "default: the index's own, else the preset's full-corpus width.")
 
@@ -43,6 +46,8 @@ def index_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
     device: str = typer.Option("cpu", "--device"),
+    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                                      help=RAY_HELP),
 ) -> None:
     """Index a video collection for text search (re-run to add new videos; --remove to delete)."""
     from vidseek.search.indexer import Indexer, parse_memory
@@ -63,7 +68,7 @@ def index_cmd(
     with Indexer(out, recall=recall, rerank=rerank, segment_seconds=segment_seconds, overlap_seconds=overlap,
                  index_type=index_type, backend=backend, milvus_uri=milvus_uri, milvus_collection=milvus_collection,
                  memory_budget_bytes=parse_memory(memory_budget), device=device, batch_size=batch_size,
-                 workers=workers, beams=beams, weights=weights) as indexer:
+                 workers=workers, beams=beams, weights=weights, ray=ray) as indexer:
         summary = indexer.add(items[0], split=split)
     typer.echo(f"indexed {summary.added} new entries ({summary.processed} extracted, {summary.skipped_existing} "
                f"already stored, {summary.failed} failed); index now holds {summary.total_videos} videos / "
@@ -101,13 +106,18 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)."),
     device: str = typer.Option("cpu", "--device"),
+    workers: int = typer.Option(1, "--workers", help="Server processes, each with its own read-only copy of the index."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Concurrent queries encoded together (1: no batching)."),
+    batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a query waits for others to batch with."),
 ) -> None:
     """Serve the search API and web page (http://HOST:PORT/, API docs at /docs)."""
-    from vidseek.serve.app import create_app
-    from vidseek.serve.server import serve
+    from vidseek.search.batching import BatchSettings
+    from vidseek.serve.workers import run_server
 
-    serve(lambda: create_app(index, device=device), host, port,
-          lambda url: typer.echo(f"vidseek: serving {index} at {url} (API docs at /docs)"))
+    settings = BatchSettings(max_batch, batch_wait_ms)  # validates both
+    batching = settings if settings.max_batch > 1 else None
+    run_server(index, host, port, workers=workers, device=device, batching=batching,
+               announce=lambda url: typer.echo(f"vidseek: serving {index} at {url} (API docs at /docs)"))
 
 
 def demo_cmd(

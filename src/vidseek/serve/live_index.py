@@ -14,7 +14,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from vidseek.search.indexer import INDEX_FILE
 from vidseek.search.searcher import Searcher
@@ -92,6 +92,12 @@ class LiveIndex:
                 close_now = generation.retired and generation.users == 0
             if close_now:
                 self._close(generation)
+
+    def search_batch(self, texts: Sequence[str], k: int = 10, recall_k: int = 100,
+                     rerank: bool = True) -> list[list[Any]]:
+        """`Searcher.search_batch` on the current generation (what `QueryBatcher` calls)."""
+        with self.use() as searcher:
+            return searcher.search_batch(texts, k=k, recall_k=recall_k, rerank=rerank)
 
     def _close(self, generation: _Generation) -> None:
         with self._lock:

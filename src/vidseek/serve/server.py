@@ -101,6 +101,12 @@ def server_config(app: Any, **overrides: Any) -> Any:
     return uvicorn.Config(app, **settings)
 
 
+def shown_url(host: str, sock: socket.socket) -> str:
+    """The URL a bound listening socket answers on (the real port when --port 0 was asked)."""
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"http://{shown_host}:{sock.getsockname()[1]}/"
+
+
 def serve(make_app: Callable[[], Any], host: str, port: int, announce: Callable[[str], None]) -> None:
     """Bind host:port (failing in one line, before the slow index open), build the app, call
     `announce` with the URL, serve until interrupted."""
@@ -112,7 +118,5 @@ def serve(make_app: Callable[[], Any], host: str, port: int, announce: Callable[
     except BaseException:
         sock.close()
         raise
-    bound_port = sock.getsockname()[1]
-    shown_host = f"[{host}]" if ":" in host else host
-    announce(f"http://{shown_host}:{bound_port}/")
+    announce(shown_url(host, sock))
     uvicorn.Server(server_config(app)).run(sockets=[sock])

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -280,7 +280,7 @@ class _DecodeJobs(torch.utils.data.IterableDataset):
             yield from _decode_job(job, self.settings)
 
 
-# --- encoding (main process) -------------------------------------------------------------------
+# --- encoding (main process, or a Ray actor: see `vidseek.store.ray_ingest`) ----------------------
 
 def _encode_batch(encoder: Any, batch: list[_Decoded], patches: bool, device: str
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -305,6 +305,89 @@ def _encode_batch(encoder: Any, batch: list[_Decoded], patches: bool, device: st
         patch_features[real] = tokens
         patch_features = patch_features.reshape(b, t, *tokens.shape[1:]).numpy()
     return frame_features.reshape(b, t, -1).numpy(), masks.numpy(), patch_features
+
+
+@dataclass
+class EncodedBatch:
+    """What one encoder batch leaves behind: every decoded item in order (stored, failed or an
+    already-stored window) and the features of the stored ones (`frames` [n,T,D], `masks` [n,T],
+    `patches` [n,T,P,D] or None; n = the items without error that were not skipped)."""
+
+    decoded: list[_Decoded]
+    frames: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    patches: np.ndarray | None = None
+
+    @property
+    def to_store(self) -> list[_Decoded]:
+        return [d for d in self.decoded if d.error is None and not d.skipped]
+
+
+def encode_decoded(encoder: Any, decoded: list[_Decoded], patches: bool, device: str) -> EncodedBatch:
+    """Encode the decoded items that have pixels; failures and skipped windows ride along."""
+    batch = EncodedBatch(list(decoded))
+    if batch.to_store:
+        batch.frames, batch.masks, batch.patches = _encode_batch(encoder, batch.to_store, patches, device)
+    return batch
+
+
+#: runner(jobs, settings, encoder, store_root, batch_size=, patches=, device=, workers=) -> the
+#: EncodedBatches of those jobs, in job order; it decides where decoding and encoding run.
+BatchRunner = Callable[..., Iterator[EncodedBatch]]
+
+
+def local_batches(jobs: list[_VideoJob], settings: _DecodeSettings, encoder: Any, store_root: Path, *,
+                  batch_size: int, patches: bool, device: str, workers: int) -> Iterator[EncodedBatch]:
+    """This process: `workers` DataLoader workers decode, the encoder runs here on `device`."""
+    prepare_encoder(encoder, device)
+    workers = min(workers, len(jobs))
+    loader = torch.utils.data.DataLoader(
+        _DecodeJobs(jobs, settings), batch_size=None, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        # Let workers run a full encoder batch ahead so decoding overlaps encoding.
+        prefetch_factor=max(2, batch_size) if workers else None,
+        pin_memory=device.startswith("cuda"))
+    yield from encode_in_batches(loader, encoder, batch_size, patches, device)
+
+
+def prepare_encoder(encoder: Any, device: str) -> Any:
+    """The encoder in eval mode on `device` (an nn.Module, or anything with the same methods)."""
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    if hasattr(encoder, "to"):
+        encoder.to(device)
+    return encoder
+
+
+def encode_in_batches(decoded_items: Iterable[_Decoded], encoder: Any, batch_size: int, patches: bool,
+                      device: str) -> Iterator[EncodedBatch]:
+    """Group decoded items into batches of `batch_size` items with pixels and encode each."""
+    decoded: list[_Decoded] = []
+    with_pixels = 0
+    for item in decoded_items:
+        decoded.append(item)
+        with_pixels += item.error is None and not item.skipped
+        if with_pixels >= batch_size:
+            yield encode_decoded(encoder, decoded, patches, device)
+            decoded, with_pixels = [], 0
+    if decoded:
+        yield encode_decoded(encoder, decoded, patches, device)
+
+
+def _commit(store: FeatureStore, batch: EncodedBatch, summary: ExtractSummary) -> int:
+    """Store a batch's features (one transaction) and record its failures; returns videos finished."""
+    to_store = batch.to_store
+    if to_store:
+        store.add([d.item for d in to_store], batch.frames, batch.masks, batch.patches)
+        summary.processed += len(to_store)
+    for d in batch.decoded:
+        if d.error is not None:
+            store.mark_failed(d.item, d.error)
+            summary.failed += 1
+            summary.failures.append((d.item.key, d.error))
+        elif d.skipped:
+            summary.skipped_existing += 1
+    return sum(d.last_of_video for d in batch.decoded)
 
 
 def _encoder_name(encoder: Any) -> str:
@@ -333,13 +416,15 @@ def _progress_bar(enabled: bool, total: int):
 def extract(source: str | Path, encoder: Any, out: str | Path, *, frames: int = 12, patches: bool = False,
             split: str | None = None, segment_seconds: float | None = None, overlap_seconds: float = 0.0,
             batch_size: int = 8, workers: int = 2, progress: bool = True, device: str = "cpu",
-            sampling: str = "uniform") -> ExtractSummary:
+            sampling: str = "uniform", runner: BatchRunner = local_batches) -> ExtractSummary:
     """Extract per-frame CLS (and optionally patch-token) features of every video into `out`.
 
     Resumable: run it again after an interruption and it stores only what is missing (keys
     already 'ok' are skipped, 'failed' ones retried). Raises a one-line `VidseekError` only when
     no video at all could be processed; otherwise failures are listed in the summary and the
     catalog. `encoder` is a `vidseek.encoders.ClipBackbone` (it is put in eval mode on `device`).
+    `runner` decodes and encodes (default: this process; `vidseek.store.ray_ingest.RayRunner`: a
+    Ray cluster); whatever runs them, this process alone writes the store.
     """
 
     if batch_size < 1 or workers < 0 or frames < 1:
@@ -356,46 +441,15 @@ def extract(source: str | Path, encoder: Any, out: str | Path, *, frames: int = 
         jobs, skipped, conflicts = _pending_jobs(store, sources, segmented=segment_seconds is not None)
         settings = _DecodeSettings(frames, int(encoder.image_size), sampling, segment_seconds, overlap_seconds,
                                    DECODER_THREADS_PER_WORKER)
-        if hasattr(encoder, "eval"):
-            encoder.eval()
-        if hasattr(encoder, "to"):
-            encoder.to(device)
-        workers = min(workers, len(jobs))
-        loader = torch.utils.data.DataLoader(
-            _DecodeJobs(jobs, settings), batch_size=None, num_workers=workers,
-            worker_init_fn=_worker_init if workers else None,
-            # Let workers run a full encoder batch ahead so decoding overlaps encoding.
-            prefetch_factor=max(2, batch_size) if workers else None,
-            pin_memory=device.startswith("cuda"))
         # Left out by the scan, or an id already stored from another file: reported, never silent.
         left_out = unscanned + conflicts
         summary = ExtractSummary(processed=0, skipped_existing=skipped, failed=len(left_out), failures=list(left_out))
         bar, task = _progress_bar(progress, total=len(sources))
         bar.update(task, advance=len(sources) - len(jobs))
-        pending: list[_Decoded] = []
-
-        def store_pending() -> None:
-            frame_feats, masks, patch_feats = _encode_batch(encoder, pending, patches, device)
-            store.add([d.item for d in pending], frame_feats, masks, patch_feats)
-            summary.processed += len(pending)
-            pending.clear()
-
         with bar:
-            for decoded in loader:
-                if decoded.error is not None:
-                    store.mark_failed(decoded.item, decoded.error)
-                    summary.failed += 1
-                    summary.failures.append((decoded.item.key, decoded.error))
-                elif decoded.skipped:
-                    summary.skipped_existing += 1
-                else:
-                    pending.append(decoded)
-                    if len(pending) >= batch_size:
-                        store_pending()
-                if decoded.last_of_video:
-                    bar.update(task, advance=1)
-            if pending:
-                store_pending()
+            for batch in runner(jobs, settings, encoder, store.root, batch_size=batch_size, patches=patches,
+                                device=device, workers=workers):
+                bar.update(task, advance=_commit(store, batch, summary))
         if segment_seconds is not None:
             _forget_superseded_failures(store)
     finally:
