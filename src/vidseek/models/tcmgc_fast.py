@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:  # the module type only; no import cycle at run time
-    from vidseek.models.tcmgc import LanguageVideoAttention
+#: The LVA block (`vidseek.models.tcmgc.LanguageVideoAttention`) is typed structurally here:
+#: this module reads its ln_query_key / ln_attended / ln_out / fc / residual / heads and must not
+#: import tcmgc.py, which imports this one.
+LVAModule = nn.Module
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _layer_norm(x: Tensor, ln: torch.nn.LayerNorm) -> Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
 
 
-def lva_constants(lva: "LanguageVideoAttention", dtype: torch.dtype) -> dict[str, Tensor]:
+def lva_constants(lva: LVAModule, dtype: torch.dtype) -> dict[str, Tensor]:
     """Video-independent pieces of the algebra: M, r = M·γ2, e = M·β2 + l0, γ3 terms."""
     weight = lva.fc.weight.to(dtype)
     eye = torch.eye(weight.shape[0], dtype=dtype, device=weight.device)
@@ -107,7 +107,7 @@ def head_expanded_keys(keys: Tensor, heads: int) -> Tensor:
     return (keys[:, None, :, :] * selector[None, :, None, :]).reshape(b, heads * t, d)
 
 
-def precompute_video(lva: "LanguageVideoAttention", frames: Tensor, frame_valid: Tensor) -> LVAVideoCache:
+def precompute_video(lva: LVAModule, frames: Tensor, frame_valid: Tensor) -> LVAVideoCache:
     """Per-video matrices of METHODS item 7 from frames [B,T,D] (temporal-encoded) and mask [B,T]."""
     c = lva_constants(lva, frames.dtype)
     d = frames.shape[-1]
@@ -134,7 +134,7 @@ def precompute_video(lva: "LanguageVideoAttention", frames: Tensor, frame_valid:
     )
 
 
-def precompute_text(lva: "LanguageVideoAttention", queries: Tensor, probes: Tensor) -> LVATextCache:
+def precompute_text(lva: LVAModule, queries: Tensor, probes: Tensor) -> LVATextCache:
     """queries [B,Q,D] (raw text features: LN1 is applied here), probes [B,P,D] (the p vectors)."""
     c = lva_constants(lva, probes.dtype)
     scaled = probes * c["gamma3"]
@@ -148,7 +148,7 @@ def precompute_text(lva: "LanguageVideoAttention", queries: Tensor, probes: Tens
 
 
 def probe_dots(
-    lva: "LanguageVideoAttention",
+    lva: LVAModule,
     text: LVATextCache,
     video: LVAVideoCache,
     groups: list[tuple[slice, slice]],

@@ -100,7 +100,7 @@ RECALL_BACKENDS: dict[str, RecallBuilder] = {}
 DEFAULT_RECALL_BACKEND = "dense"
 #: Modules that may add backends through a `register_recall_backends(register)` hook, imported on
 #: first lookup (a module that has not landed is skipped), like the preset registry's providers.
-_RECALL_PROVIDERS: list[str] = ["vidseek.models.grdr"]
+_RECALL_PROVIDERS: list[str] = ["vidseek.search.grdr_backend"]
 _providers_loaded = False
 
 
