@@ -198,23 +198,32 @@ def probe_dots(
     mean_c, sigma_c, z_norm = (x.view(bv, bt, 1, q_count) for x in (mean_c, sigma_c, z_norm))
 
     y = y.view(bv, n + 1, bt, q_count)
+    inv_z = 1.0 / z_norm  # [Bv, Bt, 1, Q]
+    inv_sz = inv_z / sigma_c
     out = []
     for probe_slice, query_slice in groups:
         probes = text.probes[:, probe_slice]  # [Bt, P, D]
         queries = y[..., query_slice]  # [Bv, n+1, Bt, Qg]
         p_count, g_count = probes.shape[1], queries.shape[-1]
+        p_e, p_sum, p_bias = (x[:, probe_slice] for x in (text.probe_e, text.probe_sum, text.probe_bias))
+        r, m_c, r_z = (x[..., query_slice] for x in (inv_sz, mean_c, inv_z))  # [Bv, Bt, 1, Qg]
         if g_count == 1:
             # One query (the sentence): c − e = X·y is one D-vector per pair, cheaper to build than
             # projecting every probe onto X's n+1 columns: (n+1+P)·D instead of P·(n+1)·D.
             xy = queries[..., 0].transpose(1, 2) @ video.design  # [Bv, Bt, D]
-            p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1)  # [Bv, Bt, P, 1]
-        else:
-            # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P], then a (n+1)-long contraction per pair
-            projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t())
-            p_c = torch.einsum("vjtp,vjtq->vtpq", projected.view(bv, n + 1, bt, p_count), queries)
-        p_c = p_c + text.probe_e[None, :, probe_slice, None]
-        m_c, s_c = mean_c[..., query_slice], sigma_c[..., query_slice]
-        p_sum, p_bias = text.probe_sum[None, :, probe_slice, None], text.probe_bias[None, :, probe_slice, None]
-        p_z = (p_c - m_c * p_sum) / s_c + p_bias
-        out.append((p_z / z_norm[..., query_slice]).transpose(0, 1))  # → [Bt, Bv, P, Qg]
+            p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1) + p_e[None, :, :, None]
+            p_z = (p_c - m_c * p_sum[None, :, :, None]) * r + p_bias[None, :, :, None] * r_z
+            out.append(p_z.transpose(0, 1))
+            continue
+        # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P]. Then ONE (n+4)-long contraction per pair yields
+        # f·p directly: the LN3 shift/scale and the 1/‖z‖ normalisation ride along as three extra
+        # rows, [X·p ; p·e ; Σp ; p·β3] · [y·r ; r ; −μ(c)·r ; 1/‖z‖] with r = 1/(σ(c)‖z‖), so
+        # no elementwise pass over the [Bv, Bt, P, Q] output is needed.
+        projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t()).view(
+            bv, n + 1, bt, p_count)
+        text_rows = torch.stack([p_e, p_sum, p_bias], dim=0)[None].expand(bv, -1, -1, -1)  # [Bv, 3, Bt, P]
+        left = torch.cat([projected, text_rows], dim=1)  # [Bv, n+4, Bt, P]
+        r_q, m_q, z_q = (x.squeeze(2).unsqueeze(1) for x in (r, m_c, r_z))  # [Bv, 1, Bt, Qg]
+        right = torch.cat([queries * r_q, r_q, -m_q * r_q, z_q], dim=1)  # [Bv, n+4, Bt, Qg]
+        out.append(torch.einsum("vjtp,vjtq->tvpq", left, right))  # → [Bt, Bv, P, Qg]
     return out
