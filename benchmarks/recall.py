@@ -4,7 +4,10 @@ One run, side by side, for 100k and 1M videos. Semantic IDs (4 views × 3 levels
 512-d L2-normalised features are drawn synthetically; the GRDR decoder is a small random model
 (its speed does not depend on its weights). Both sides run single-threaded on batched queries and
 are timed in process CPU time (stable on a shared machine). Decoding uses the KV-cached
-`IncrementalDecoder`, as `GRDRRecall` does. IDs are uniform random, so at 1M videos nearly every
+`IncrementalDecoder`, as `GRDRRecall` does, scoring beams in chunks of `RECALL_BEAM_CHUNK` with the
+exact skip bound of `SemanticIdTrie.constrained_beam_search`; the row "one call per level" is
+the same search without chunks (the previous implementation's schedule), timed in the same run
+and checked to return identical IDs. IDs are uniform random, so at 1M videos nearly every
 ID holds ~2 videos and the candidate sets are ~2× the beam count.
 
     GRDR:  text encoder → trie-constrained beam search (3 decoder steps) → ID → video expansion
@@ -106,7 +109,7 @@ def main() -> None:
     import faiss
 
     from vidseek.index.trie import SemanticIdTrie
-    from vidseek.models.grdr import GRDR, GRDRConfig, GRDRRecall, IncrementalDecoder, candidate_size_stats
+    from vidseek.models.grdr import GRDR, RECALL_BEAM_CHUNK, GRDRConfig, GRDRRecall, IncrementalDecoder
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -129,11 +132,12 @@ def main() -> None:
             encoded.append(out)
     text_ms = 1000 * text_s / len(texts)
 
-    def beam_search(trie, memory, mask, beams):
+    def beam_search(trie, memory, mask, beams, chunk=RECALL_BEAM_CHUNK):
         with torch.no_grad():
-            return trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), len(memory), beams)
+            return trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), len(memory), beams,
+                                                chunk=chunk)
 
-    rows, speedups, grdr_bytes, dense_bytes = [], {}, {}, {}
+    rows, speedups, decode_gain, grdr_bytes, dense_bytes = [], {}, {}, {}, {}
     for n in args.sizes:
         codes = rng.integers(0, cfg.codebook_size, size=(n, cfg.num_views, cfg.levels))
         build_s, trie = timed(lambda: SemanticIdTrie(codes, cfg.codebook_size))
@@ -141,18 +145,26 @@ def main() -> None:
         grdr_bytes[n] = trie.bytes_per_video
         for beams in args.beams:
             beam_search(trie, *encoded[0], beams)  # warm-up
-            decode_s, expand_s, sizes = 0.0, 0.0, []
-            for memory, mask in encoded:
+            unchunked_s, decode_s, expand_s, sizes = 0.0, 0.0, 0.0, []
+            for memory, mask in encoded:  # both schedules on the same batch, interleaved
                 s, (ids, _) = timed(lambda: beam_search(trie, memory, mask, beams))
                 decode_s += s
+                s, (ids_unchunked, _) = timed(lambda: beam_search(trie, memory, mask, beams, chunk=None))
+                unchunked_s += s
+                if not torch.equal(ids, ids_unchunked):
+                    raise SystemExit("chunked and unchunked beam search disagree")
                 s, cands = timed(lambda: trie.candidates(ids))
                 expand_s += s
                 sizes.extend(len(c) for c in cands)
             decode_ms = 1000 * decode_s / len(texts)
             expand_ms = 1000 * expand_s / len(texts)
+            unchunked_ms = 1000 * unchunked_s / len(texts)
+            rows.append((n, f"GRDR beams {beams}, one call per level (before)", unchunked_ms + expand_ms, unchunked_ms,
+                         expand_ms, float(np.mean(sizes)), f"{trie.bytes_per_video} ({trie.total_bytes / n:.1f})"))
             rows.append((n, f"GRDR beams {beams}", decode_ms + expand_ms, decode_ms, expand_ms,
                          float(np.mean(sizes)), f"{trie.bytes_per_video} ({trie.total_bytes / n:.1f})"))
             speedups[(n, beams)] = rows[-1][2]
+            decode_gain[(n, beams)] = unchunked_ms / decode_ms
 
         index = build_dense_index(n, cfg.embed_dim, rng)
         queries = rng.standard_normal((args.queries, cfg.embed_dim), dtype=np.float32)
@@ -181,7 +193,8 @@ def main() -> None:
         print(f"| {n:,} | {method} | {total:.2f} | {dec_s} | {exp_s} | {cands:.0f} | {size} |")
     print()
     for (n, beams), ratio in sorted(speedups.items()):
-        print(f"speed-up vs dense at {n:,} videos, beams {beams}: {ratio:.1f}x")
+        print(f"speed-up vs dense at {n:,} videos, beams {beams}: {ratio:.1f}x; chunked decoding vs one call per "
+              f"level: {decode_gain[(n, beams)]:.2f}x")
     largest = max(args.sizes)
     label = "1M" if largest == 1_000_000 else f"{largest:,}"
     print()
@@ -189,6 +202,8 @@ def main() -> None:
         print(line)
     print(f"(headline: beams {max(args.beams)}; bytes = stored semantic IDs vs float32 vectors)")
     print(f"recall speed-up at {label}: {speedups[(largest, max(args.beams))]:.1f}x")
+    headline = [r for r in rows if r[0] == largest and r[1] == f"GRDR beams {max(args.beams)}"][0]
+    print(f"GRDR ms/query at {label}, beams {max(args.beams)}: {headline[2]:.2f}")
     print(f"bytes per video: grdr {grdr_bytes[largest]}, dense {dense_bytes[largest]:.0f}")
 
 

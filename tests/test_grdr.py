@@ -128,17 +128,22 @@ def test_decoder_shares_the_tokenizer_codebooks_and_paths_agree():
     assert teacher.abs().max() <= 100.0 + 1e-4
 
 
-def test_incremental_decoder_matches_full_recompute_beam_search():
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_incremental_decoder_matches_full_recompute_beam_search(chunk):
+    """The KV-cached decoder, scoring chunks of beams of any subset of queries, gives the beams of
+    a search that recomputes every position from scratch (scores to float rounding)."""
     torch.manual_seed(7)
     model = GRDR(tiny_config(decoder_layers=2)).eval()
-    feats, _ = tiny_data(20, seed=7)
+    feats, _ = tiny_data(40, seed=7)
     trie = SemanticIdTrie(model.encode(feats), 8)
-    tokens = model.tokenize(["a red circle moves left", "blue square", "green grows then up"])
+    tokens = model.tokenize(["a red circle moves left", "blue square", "green grows then up", "red"])
     with torch.no_grad():
         memory, mask = model.retriever.encode_text(tokens)
-        cached = trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), 3, beams=9)
         full = trie.constrained_beam_search(
-            lambda prefixes, parents: model.retriever.step_logits(memory, mask, prefixes), 3, beams=9)
+            lambda prefixes, ancestors, rows, first: model.retriever.step_logits(memory[rows], mask[rows], prefixes),
+            4, beams=9)
+        cached = trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), 4, beams=9,
+                                              chunk=chunk)
     assert torch.equal(cached[0], full[0])
     torch.testing.assert_close(cached[1], full[1])
 

@@ -14,14 +14,14 @@ def table_logits_fn(tables: torch.Tensor, k: int):
     """Deterministic scorer: logits of query q after prefix p = tables[q, key(p)], where key is a
     distinct row per prefix of any length (offset 1 + K + … for longer prefixes)."""
 
-    def fn(prefixes: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    def fn(prefixes: torch.Tensor, ancestors: torch.Tensor, rows: torch.Tensor, first: int) -> torch.Tensor:
         b, m, i = prefixes.shape
-        assert parents.shape == (b, m)
+        assert ancestors.shape == (b, m, i) and rows.shape == (b,)
         offset = sum(k ** j for j in range(i))
         key = torch.zeros(b, m, dtype=torch.long)
         for j in range(i):
             key = key * k + prefixes[:, :, j].clamp(min=0)
-        return tables[torch.arange(b)[:, None], offset + key]
+        return tables[rows[:, None], offset + key]
 
     return fn
 
@@ -153,21 +153,78 @@ def test_user_errors_are_one_line(tmp_path):
         SemanticIdTrie(np.zeros((2, 3)), 4)
 
 
-def test_parents_point_at_the_beam_each_hypothesis_extends():
+def test_ancestors_point_at_each_beams_prefix_one_level_up():
     trie = random_trie(11, n=30, views=2, levels=3, k=5)
     tables = torch.randn(3, 1 + 5 + 25, 5, generator=torch.Generator().manual_seed(11))
     score = table_logits_fn(tables, 5)
     seen: list[torch.Tensor] = []
 
-    def recording(prefixes, parents):
-        if seen:
-            previous = seen[-1]
-            idx = parents[:, :, None].expand(-1, -1, previous.shape[2])
-            assert torch.equal(previous.gather(1, idx), prefixes[:, :, :-1])
-        else:
-            assert torch.equal(parents, torch.zeros(3, 1, dtype=torch.long))
+    def recording(prefixes, ancestors, rows, first):
+        assert first == 0 and torch.equal(rows, torch.arange(3))  # chunk=None: one call per level
+        for j, earlier in enumerate(seen):
+            idx = ancestors[:, :, j:j + 1].expand(-1, -1, earlier.shape[2])
+            assert torch.equal(earlier.gather(1, idx), prefixes[:, :, :j])
         seen.append(prefixes.clone())
-        return score(prefixes, parents)
+        return score(prefixes, ancestors, rows, first)
 
     trie.constrained_beam_search(recording, 3, beams=7)
     assert [p.shape[1:] for p in seen] == [(1, 0), (5, 1), (7, 2)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("chunk", [1, 2, 5, 16])
+def test_chunked_search_with_skipping_equals_the_full_search(seed: int, chunk: int):
+    """Scoring beams in chunks and skipping those below the running cut-off changes nothing —
+    also with many exact ties (logits rounded to integers) and sharp distributions (scaled)."""
+    trie = random_trie(seed, n=60, views=3, levels=3, k=6)
+    k, queries = trie.codebook_size, 7
+    gen = torch.Generator().manual_seed(200 + seed)
+    tables = torch.randn(queries, 1 + k + k * k, k, generator=gen)
+    for logits in (tables, (tables * 2).round(), tables * 40):
+        calls: list[int] = []
+        fn = table_logits_fn(logits, k)
+
+        def counting(prefixes, ancestors, rows, first, fn=fn):
+            calls.append(prefixes.shape[0] * prefixes.shape[1])
+            return fn(prefixes, ancestors, rows, first)
+
+        for beams in (1, 4, 11):
+            full_ids, full_scores = trie.constrained_beam_search(fn, queries, beams)
+            ids, scores = trie.constrained_beam_search(counting, queries, beams, chunk=chunk)
+            assert torch.equal(ids, full_ids)
+            assert torch.equal(scores, full_scores)
+
+
+def test_chunked_search_skips_beams_that_cannot_win():
+    """Level-0 logits make code 0 overwhelmingly likely and give every other prefix a near-uniform
+    continuation: after the first beam's children the cut-off excludes all other beams."""
+    k = 4
+    codes = np.array([[[a, b]] for a in range(k) for b in range(k)])  # every 2-code ID exists
+    trie = SemanticIdTrie(codes, k)
+    tables = torch.zeros(1, 1 + k, k)
+    tables[0, 0] = torch.tensor([50.0, 0.0, 0.0, 0.0])
+    scored: list[int] = []
+
+    def fn(prefixes, ancestors, rows, first):
+        scored.append(prefixes.shape[1])
+        return table_logits_fn(tables, k)(prefixes, ancestors, rows, first)
+
+    ids, _ = trie.constrained_beam_search(fn, 1, beams=4, chunk=1)
+    assert scored == [1, 1]  # the root, then only beam 0 of level 1; beams 1-3 are skipped
+    assert ids[0, :, 0].tolist() == [0, 0, 0, 0]
+    full, _ = trie.constrained_beam_search(table_logits_fn(tables, k), 1, beams=4)
+    assert torch.equal(ids, full)
+
+
+def test_top_beams_breaks_ties_by_position_also_at_the_cut_off():
+    from vidseek.index.trie import top_beams
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 4, (50, 30), generator=gen).float()
+    values[:5, ::3] = float("-inf")
+    for beams in (1, 7, 30, 40):
+        got_values, got_positions = top_beams(values, beams)
+        for row in range(len(values)):
+            expected = sorted(range(values.shape[1]), key=lambda j: (-values[row, j].item(), j))[:beams]
+            assert got_positions[row].tolist() == expected
+            assert got_values[row].tolist() == values[row, expected].tolist()

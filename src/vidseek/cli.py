@@ -125,9 +125,20 @@ def eval_cmd(
     beams: int = typer.Option(100, "--beams", help="GRDR runs: beam width of the trie-constrained search."),
     rerank: Optional[Path] = typer.Option(None, "--rerank", help="GRDR runs: checkpoint that reranks the candidates."),
     device: Optional[str] = typer.Option(None, "--device"),
+    index: Optional[Path] = typer.Option(None, "--index", help="T2V R@K by searching this built index (Searcher)."),
+    http: Optional[str] = typer.Option(None, "--http", help="T2V R@K through a running `vidseek serve` at this URL."),
+    k: int = typer.Option(10, "--k", help="--index/--http: results per query (R@K measurable for K ≤ k)."),
+    recall_k: int = typer.Option(100, "--recall-k", help="--index/--http: candidates the recall stage passes on."),
 ) -> None:
     """Evaluate a checkpoint: paper-style T2V/V2T table (R@1/5/10, MdR, MnR, RSum, SumR)."""
     from vidseek.train.checkpoint import read_checkpoint
+
+    if index is not None or http is not None:
+        from vidseek.eval.through_index import eval_command
+
+        typer.echo(eval_command(checkpoint, data, split, index=index, http=http, k=k, recall_k=recall_k,
+                                device=device or "cpu", json_out=json_out))
+        return
 
     if read_checkpoint(checkpoint)["preset"].get("model") == "grdr":
         from vidseek.eval.grdr_eval import run_grdr_eval

@@ -13,7 +13,8 @@ Layout (all numpy, built once from the code array, so load = rebuild from the co
                                       row is all -1 so an invalid node (-1) indexes a dead row
     post_offsets [M + 1] int64, post_videos [P] int32   videos of each ID (ascending, unique)
 
-`allowed_next` and `constrained_beam_search` are vectorised table lookups: no Python per beam.
+`allowed_next` and `constrained_beam_search` are vectorised table lookups: no Python per beam;
+the search scores chunks of beams and skips those that provably cannot be selected.
 """
 from __future__ import annotations
 
@@ -29,6 +30,25 @@ from vidseek.utils import atomic_path
 
 TRIE_FORMAT = "vidseek.semantic_id_trie"
 TRIE_FORMAT_VERSION = 1
+
+
+def top_beams(candidates: Tensor, beams: int) -> tuple[Tensor, Tensor]:
+    """The best min(beams, n) of `candidates [B, n]` per row, best first: (values, positions).
+
+    Deterministic under ties (equal values: the lower position first, also at the cut-off), which
+    `Tensor.topk` does not promise — so a search that leaves out candidates below the cut-off
+    returns exactly what the full search returns.
+    """
+    kk = min(beams, candidates.shape[1])
+    threshold = candidates.topk(kk, dim=1).values[:, -1:]
+    above = candidates > threshold
+    tied = candidates == threshold
+    room = kk - above.sum(dim=1, keepdim=True)
+    take = above | (tied & (tied.cumsum(dim=1) <= room))
+    positions = take.nonzero()[:, 1].view(len(candidates), kk)  # ascending position per row
+    values = candidates.gather(1, positions)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), positions.gather(1, order)
 
 
 def _code_dtype(codebook_size: int) -> np.dtype:
@@ -161,51 +181,79 @@ class SemanticIdTrie:
     @torch.no_grad()
     def constrained_beam_search(
         self,
-        step_logits_fn: Callable[[Tensor, Tensor], Tensor],
+        step_logits_fn: Callable[[Tensor, Tensor, Tensor, int], Tensor],
         num_queries: int,
         beams: int,
         levels: int | None = None,
+        chunk: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Trie-constrained beam search, batched over queries (GRDR inference).
 
-        `step_logits_fn(prefixes [B, M, i], parents [B, M]) -> logits [B, M, K]` scores the next
-        code for each of the M live beams of every query; `parents` gives, for each beam, the
-        index of the beam it extends among the previous call's M' beams (zeros at the first
-        call), so an incremental decoder can re-order its cache. A beam's score is the sum of log-softmax over all K codes
-        at each step (as in the release's HF constrained generation: disallowed codes are masked
-        after the softmax, so probabilities are not renormalised over the allowed set).
+        `step_logits_fn(prefixes [r, c, i], ancestors [r, c, i], rows [r], first_beam) -> logits
+        [r, c, K]` scores the next code of beams `first_beam .. first_beam + c - 1` of the queries
+        `rows`; `ancestors[..., j]` is the position, among the level-j beams of the same query, of
+        each beam's length-j prefix (what an incremental decoder needs to find its cached states).
+        A beam's score is the sum of log-softmax over all K codes at each step (as in the release's
+        HF constrained generation: disallowed codes are masked after the softmax, so probabilities
+        are not renormalised over the allowed set).
 
-        Returns `ids [B, beams, levels]` (best first; rows of -1 when the trie holds fewer IDs
-        than `beams`) and `scores [B, beams]` (-inf for those rows). Every other row is an ID
-        (or, for levels < L, a prefix) present in the trie.
+        `chunk=None` scores all beams of all queries in one call per level. With `chunk=c` the
+        beams of a level (kept best first) are scored c at a time and a beam is skipped once its
+        own score is strictly below the `beams`-th best candidate found so far: log-probabilities
+        are ≤ 0, so none of its extensions could be selected — the result is exactly the same,
+        with fewer decoder calls (an exact early-stopping bound, not a heuristic).
+
+        Returns `ids [B, beams, levels]` (best first, ties broken by lower (beam, code) position;
+        rows of -1 when the trie holds fewer IDs than `beams`) and `scores [B, beams]` (-inf for
+        those rows). Every other row is an ID (or, for levels < L, a prefix) present in the trie.
         """
         levels = self.levels if levels is None else int(levels)
         if not 1 <= levels <= self.levels:
             raise SearchIndexError(f"beam search depth must be in [1, {self.levels}], got {levels}")
         if beams < 1:
             raise SearchIndexError(f"beams must be >= 1, got {beams}")
+        if chunk is not None and chunk < 1:
+            raise SearchIndexError(f"beam chunk must be >= 1, got {chunk}")
         b, k = int(num_queries), self.codebook_size
         prefixes = torch.zeros(b, 1, 0, dtype=torch.long)
+        ancestors = torch.zeros(b, 1, 0, dtype=torch.long)
         scores = torch.zeros(b, 1)
         nodes = torch.zeros(b, 1, dtype=torch.long)
-        parents = torch.zeros(b, 1, dtype=torch.long)
         for level in range(levels):
-            logits = step_logits_fn(prefixes, parents)
             m = prefixes.shape[1]
-            if logits.shape != (b, m, k):
-                raise SearchIndexError(
-                    f"step_logits_fn returned shape {tuple(logits.shape)}, expected {(b, m, k)}; "
-                    "the model's codebook size must match the trie's")
-            logp = torch.log_softmax(logits.float().cpu(), dim=-1)
             children = self._child_t[level][nodes]  # [B, M, K]; node -1 reads the dead row
-            cand = torch.where(children >= 0, scores.unsqueeze(-1) + logp, torch.tensor(float("-inf")))
-            top_scores, top = cand.reshape(b, m * k).topk(min(beams, m * k), dim=1)
+            cand = torch.full((b, m, k), float("-inf"))
+            step = m if chunk is None else chunk
+            best = torch.full((b, 0), float("-inf"))  # the best `beams` candidates found so far
+            for first in range(0, m, step):
+                beam_scores = scores[:, first:first + step]
+                kth = best[:, -1:] if best.shape[1] == beams else torch.full((b, 1), float("-inf"))
+                live = torch.isfinite(beam_scores) & (beam_scores >= kth)
+                rows = live.any(dim=1).nonzero().squeeze(1)
+                if len(rows) == 0:  # beams are sorted and `kth` only grows: the rest are dead too
+                    break
+                c = beam_scores.shape[1]
+                logits = step_logits_fn(prefixes[rows, first:first + c], ancestors[rows, first:first + c], rows, first)
+                if logits.shape != (len(rows), c, k):
+                    raise SearchIndexError(
+                        f"step_logits_fn returned shape {tuple(logits.shape)}, expected {(len(rows), c, k)}; "
+                        "the model's codebook size must match the trie's")
+                logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+                part = torch.where(children[rows, first:first + c] >= 0,
+                                   beam_scores[rows].unsqueeze(-1) + logp, torch.tensor(float("-inf")))
+                cand[rows, first:first + c] = part
+                if chunk is not None:
+                    merged = torch.cat([best, cand[:, first:first + c].reshape(b, -1)], dim=1)
+                    best = merged.topk(min(beams, merged.shape[1]), dim=1).values
+            top_scores, top = top_beams(cand.reshape(b, m * k), beams)
             beam_of, code = top // k, top % k
             child = children.reshape(b, m * k).gather(1, top).long()
             nodes = torch.where(torch.isfinite(top_scores), child, torch.full_like(child, -1))
             prefixes = torch.cat(
                 [prefixes.gather(1, beam_of.unsqueeze(-1).expand(-1, -1, level)), code.unsqueeze(-1)], dim=2)
-            scores, parents = top_scores, beam_of
+            ancestors = torch.cat(
+                [ancestors.gather(1, beam_of.unsqueeze(-1).expand(-1, -1, level)), beam_of.unsqueeze(-1)], dim=2)
+            scores = top_scores
         dead = ~torch.isfinite(scores)
         prefixes = prefixes.masked_fill(dead.unsqueeze(-1), -1)
         if prefixes.shape[1] < beams:  # fewer IDs than beams: pad with empty rows

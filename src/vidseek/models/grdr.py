@@ -457,35 +457,59 @@ class GenerativeRetriever(nn.Module):
 class IncrementalDecoder:
     """Step function for `SemanticIdTrie.constrained_beam_search` with a key/value cache.
 
-    Each call decodes only the newest position of every beam; the cached self-attention keys and
-    values are re-ordered by `parents` (the beam each new hypothesis extends) and the memory's
-    cross-attention keys/values are projected once per query. Same logits as `step_logits`.
+    Each call decodes only the newest position of the beams it is given (any subset of queries,
+    any contiguous run of beams). The self-attention keys/values of every decoded position are
+    kept per level, `[B, beams, H, d]`, and a beam's past is gathered from its ancestors' slots;
+    the memory's cross-attention keys/values are projected once per query. Same logits as
+    `step_logits` (which recomputes every position).
     """
 
     def __init__(self, retriever: GenerativeRetriever, memory: Tensor, mask: Tensor):
         self.retriever, self.mask = retriever, mask
         self.memory_kv = [block.memory_kv(memory) for block in retriever.blocks]
-        self.cache: list[tuple[Tensor, Tensor]] | None = None
+        #: per level, per block: (keys, values) [B, beams so far, H, d] of that level's position
+        self.levels: list[list[tuple[Tensor, Tensor]]] = []
+
+    def _store(self, level: int, block: int, rows: Tensor, first: int, k: Tensor, v: Tensor) -> None:
+        if level == len(self.levels):
+            self.levels.append([])
+        slots = self.levels[level]
+        c = k.shape[1]
+        if block == len(slots):
+            b = self.mask.shape[0]
+            slots.append(tuple(t.new_zeros(b, first + c, *t.shape[2:]) for t in (k, v)))
+        stored = slots[block]
+        if stored[0].shape[1] < first + c:  # a later chunk of beams: grow the level's slots (doubling)
+            grow = max(first + c, 2 * stored[0].shape[1]) - stored[0].shape[1]
+            stored = tuple(torch.cat([t, t.new_zeros(t.shape[0], grow, *t.shape[2:])], dim=1) for t in stored)
+            slots[block] = stored
+        stored[0][rows, first:first + c] = k
+        stored[1][rows, first:first + c] = v
 
     @torch.no_grad()
-    def __call__(self, prefixes: Tensor, parents: Tensor) -> Tensor:
+    def __call__(self, prefixes: Tensor, ancestors: Tensor, rows: Tensor, first: int) -> Tensor:
         r = self.retriever
-        b, m, i = prefixes.shape
+        _, _, i = prefixes.shape
         device = self.mask.device
+        rows_d = rows.to(device)
+        every_query = len(rows) == self.mask.shape[0]
         if i == 0:
-            x = r.start.expand(b, m, -1)
+            x = r.start.expand(*prefixes.shape[:2], -1)
         else:
             x = r.codebooks[i - 1][prefixes[:, :, i - 1].to(device)]
         x = (x + r.step_position[i]).unsqueeze(2)
-        past_all: list[tuple[Tensor, Tensor] | None] = [None] * len(r.blocks)
-        if self.cache is not None:
-            idx = parents.to(device)[:, :, None, None, None]
-            past_all = [tuple(t.gather(1, idx.expand(-1, -1, *t.shape[2:])) for t in kv) for kv in self.cache]
-        new_cache = []
-        for block, past, kv in zip(r.blocks, past_all, self.memory_kv):
-            x, cached = block.step(x, past, kv, self.mask)
-            new_cache.append(cached)
-        self.cache = new_cache
+        if first == 0:  # a new level (or a new search): forget states from level i on
+            del self.levels[i:]
+        mask = self.mask if every_query else self.mask[rows_d]
+        anc = ancestors.to(device)
+        for n, (block, kv) in enumerate(zip(r.blocks, self.memory_kv)):
+            past = None
+            if i > 0:  # [r, c, H, i, d]: the cached position-j states of each beam's ancestors
+                past = tuple(torch.stack([self.levels[j][n][t][rows_d[:, None], anc[:, :, j]] for j in range(i)], dim=3)
+                             for t in (0, 1))
+            kv_rows = kv if every_query else (kv[0][rows_d], kv[1][rows_d])
+            x, (keys, values) = block.step(x, past, kv_rows, mask)
+            self._store(i, n, rows_d, first, keys[:, :, :, -1], values[:, :, :, -1])
         return r.level_logits(r.final_norm(x[:, :, 0]), i)
 
 
@@ -611,6 +635,11 @@ class GRDR(nn.Module):
 
 # --- recall backend ------------------------------------------------------------------------------
 
+#: Beams scored per decoder call in recall: small enough that the exact early-stopping bound of
+#: `constrained_beam_search` skips most unpromising beams, large enough to keep GEMMs efficient.
+RECALL_BEAM_CHUNK = 16
+
+
 class GRDRRecall:
     """The search engine's generative recall stage: texts → candidate video indices, beam order."""
 
@@ -625,8 +654,9 @@ class GRDRRecall:
         self.text_tokenizer = text_tokenizer or model.tokenize
 
     @torch.no_grad()
-    def recall_ids(self, texts: list[str], beams: int) -> tuple[Tensor, Tensor]:
-        """Constrained beam search: IDs [B, beams, L] (-1 rows when fewer exist) and scores."""
+    def recall_ids(self, texts: list[str], beams: int, chunk: int | None = RECALL_BEAM_CHUNK) -> tuple[Tensor, Tensor]:
+        """Constrained beam search: IDs [B, beams, L] (-1 rows when fewer exist) and scores.
+        `chunk`: beams per decoder call (None: all at once); the result does not depend on it."""
         for text in texts:
             if not text.strip():
                 raise ConfigError("empty search query; type some words describing the video")
@@ -634,7 +664,7 @@ class GRDRRecall:
         tokens = self.text_tokenizer(list(texts)).to(device)
         memory, mask = self.model.retriever.encode_text(tokens)
         return self.trie.constrained_beam_search(
-            IncrementalDecoder(self.model.retriever, memory, mask), num_queries=len(texts), beams=beams)
+            IncrementalDecoder(self.model.retriever, memory, mask), num_queries=len(texts), beams=beams, chunk=chunk)
 
     def recall(self, texts: list[str], beams: int) -> list[list[int]]:
         """Candidate video indices per query: each beam ID expanded to its videos, de-duplicated."""
@@ -694,7 +724,7 @@ def candidate_hit_rate(candidates: Sequence[Sequence[int]], ground_truth: Sequen
 
 
 
-# --- presets and the recall backend hook -------------------------------------------------------------
+# --- presets -------------------------------------------------------------
 
 #: model_config keys a GRDR preset carries besides GRDRConfig fields (read by the run/eval code).
 #: beams: beam width when only the evaluated split is indexed (the release's test-only pool);
@@ -765,14 +795,3 @@ def register_presets(register: Callable[[Any], Any], Preset: type, synth_train: 
         train=synth_train(epochs=100, max_steps=540, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_fraction=0.0,
                           hard_negatives=False, eval_every=None, select_metric="val.grdr.hit_rate"),
     ))
-
-
-def register_recall_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    """`vidseek index --recall grdr:CKPT`: semantic-ID trie recall (vidseek.search.grdr_backend)."""
-
-    def build(checkpoint: str, state_dir: Path, options: Any, device: str, expected_sha256: str | None) -> Any:
-        from vidseek.search.grdr_backend import GRDRRecallBackend
-
-        return GRDRRecallBackend.build(checkpoint, state_dir, options, device, expected_sha256)
-
-    register("grdr", build)

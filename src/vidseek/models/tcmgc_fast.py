@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:  # the module type only; no import cycle at run time
-    from vidseek.models.tcmgc import LanguageVideoAttention
+#: The LVA block (`vidseek.models.tcmgc.LanguageVideoAttention`) is typed structurally here:
+#: this module reads its ln_query_key / ln_attended / ln_out / fc / residual / heads and must not
+#: import tcmgc.py, which imports this one.
+LVAModule = nn.Module
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _layer_norm(x: Tensor, ln: torch.nn.LayerNorm) -> Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
 
 
-def lva_constants(lva: "LanguageVideoAttention", dtype: torch.dtype) -> dict[str, Tensor]:
+def lva_constants(lva: LVAModule, dtype: torch.dtype) -> dict[str, Tensor]:
     """Video-independent pieces of the algebra: M, r = M·γ2, e = M·β2 + l0, γ3 terms."""
     weight = lva.fc.weight.to(dtype)
     eye = torch.eye(weight.shape[0], dtype=dtype, device=weight.device)
@@ -107,7 +107,7 @@ def head_expanded_keys(keys: Tensor, heads: int) -> Tensor:
     return (keys[:, None, :, :] * selector[None, :, None, :]).reshape(b, heads * t, d)
 
 
-def precompute_video(lva: "LanguageVideoAttention", frames: Tensor, frame_valid: Tensor) -> LVAVideoCache:
+def precompute_video(lva: LVAModule, frames: Tensor, frame_valid: Tensor) -> LVAVideoCache:
     """Per-video matrices of METHODS item 7 from frames [B,T,D] (temporal-encoded) and mask [B,T]."""
     c = lva_constants(lva, frames.dtype)
     d = frames.shape[-1]
@@ -134,7 +134,7 @@ def precompute_video(lva: "LanguageVideoAttention", frames: Tensor, frame_valid:
     )
 
 
-def precompute_text(lva: "LanguageVideoAttention", queries: Tensor, probes: Tensor) -> LVATextCache:
+def precompute_text(lva: LVAModule, queries: Tensor, probes: Tensor) -> LVATextCache:
     """queries [B,Q,D] (raw text features: LN1 is applied here), probes [B,P,D] (the p vectors)."""
     c = lva_constants(lva, probes.dtype)
     scaled = probes * c["gamma3"]
@@ -148,7 +148,7 @@ def precompute_text(lva: "LanguageVideoAttention", queries: Tensor, probes: Tens
 
 
 def probe_dots(
-    lva: "LanguageVideoAttention",
+    lva: LVAModule,
     text: LVATextCache,
     video: LVAVideoCache,
     groups: list[tuple[slice, slice]],
@@ -198,23 +198,32 @@ def probe_dots(
     mean_c, sigma_c, z_norm = (x.view(bv, bt, 1, q_count) for x in (mean_c, sigma_c, z_norm))
 
     y = y.view(bv, n + 1, bt, q_count)
+    inv_z = 1.0 / z_norm  # [Bv, Bt, 1, Q]
+    inv_sz = inv_z / sigma_c
     out = []
     for probe_slice, query_slice in groups:
         probes = text.probes[:, probe_slice]  # [Bt, P, D]
         queries = y[..., query_slice]  # [Bv, n+1, Bt, Qg]
         p_count, g_count = probes.shape[1], queries.shape[-1]
+        p_e, p_sum, p_bias = (x[:, probe_slice] for x in (text.probe_e, text.probe_sum, text.probe_bias))
+        r, m_c, r_z = (x[..., query_slice] for x in (inv_sz, mean_c, inv_z))  # [Bv, Bt, 1, Qg]
         if g_count == 1:
             # One query (the sentence): c − e = X·y is one D-vector per pair, cheaper to build than
             # projecting every probe onto X's n+1 columns: (n+1+P)·D instead of P·(n+1)·D.
             xy = queries[..., 0].transpose(1, 2) @ video.design  # [Bv, Bt, D]
-            p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1)  # [Bv, Bt, P, 1]
-        else:
-            # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P], then a (n+1)-long contraction per pair
-            projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t())
-            p_c = torch.einsum("vjtp,vjtq->vtpq", projected.view(bv, n + 1, bt, p_count), queries)
-        p_c = p_c + text.probe_e[None, :, probe_slice, None]
-        m_c, s_c = mean_c[..., query_slice], sigma_c[..., query_slice]
-        p_sum, p_bias = text.probe_sum[None, :, probe_slice, None], text.probe_bias[None, :, probe_slice, None]
-        p_z = (p_c - m_c * p_sum) / s_c + p_bias
-        out.append((p_z / z_norm[..., query_slice]).transpose(0, 1))  # → [Bt, Bv, P, Qg]
+            p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1) + p_e[None, :, :, None]
+            p_z = (p_c - m_c * p_sum[None, :, :, None]) * r + p_bias[None, :, :, None] * r_z
+            out.append(p_z.transpose(0, 1))
+            continue
+        # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P]. Then ONE (n+4)-long contraction per pair yields
+        # f·p directly: the LN3 shift/scale and the 1/‖z‖ normalisation ride along as three extra
+        # rows, [X·p ; p·e ; Σp ; p·β3] · [y·r ; r ; −μ(c)·r ; 1/‖z‖] with r = 1/(σ(c)‖z‖), so
+        # no elementwise pass over the [Bv, Bt, P, Q] output is needed.
+        projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t()).view(
+            bv, n + 1, bt, p_count)
+        text_rows = torch.stack([p_e, p_sum, p_bias], dim=0)[None].expand(bv, -1, -1, -1)  # [Bv, 3, Bt, P]
+        left = torch.cat([projected, text_rows], dim=1)  # [Bv, n+4, Bt, P]
+        r_q, m_q, z_q = (x.squeeze(2).unsqueeze(1) for x in (r, m_c, r_z))  # [Bv, 1, Bt, Qg]
+        right = torch.cat([queries * r_q, r_q, -m_q * r_q, z_q], dim=1)  # [Bv, n+4, Bt, Qg]
+        out.append(torch.einsum("vjtp,vjtq->tvpq", left, right))  # → [Bt, Bv, P, Qg]
     return out

@@ -12,7 +12,7 @@ log-probability of the best beam that reached it. The searcher then reranks the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class GRDRRecallBackend:
     def _recall(self) -> Any:
         if self._trie is None:
             from vidseek.index.trie import SemanticIdTrie
-            from vidseek.models.grdr import GRDRRecall
+            from vidseek.models.grdr import GRDRRecall  # search → models: the allowed direction
 
             self._trie = GRDRRecall(self.model, SemanticIdTrie(self.codes, self.model.config.codebook_size))
         return self._trie
@@ -177,3 +177,9 @@ class GRDRRecallBackend:
 
     def __len__(self) -> int:
         return int(len(self.ids))
+
+
+def register_recall_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """`vidseek index --recall grdr:CKPT`: semantic-ID trie recall (read by the searcher's
+    provider list; lives here, not in models/grdr.py, so that models never import search)."""
+    register(BACKEND_NAME, GRDRRecallBackend.build)

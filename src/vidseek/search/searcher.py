@@ -105,7 +105,7 @@ RECALL_BACKENDS: dict[str, RecallBuilder] = {}
 DEFAULT_RECALL_BACKEND = "dense"
 #: Modules that may add backends through a `register_recall_backends(register)` hook, imported on
 #: first lookup (a module that has not landed is skipped), like the preset registry's providers.
-_RECALL_PROVIDERS: list[str] = ["vidseek.models.grdr", "vidseek.search.zero_shot"]
+_RECALL_PROVIDERS: list[str] = ["vidseek.search.grdr_backend", "vidseek.search.zero_shot"]
 _providers_loaded = False
 
 
