@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from http_index import CLIPS, copy_index, shared_http_index
+from reliability.http_index import CLIPS, copy_index, shared_http_index
 from vidseek.search.indexer import ENTRIES_FILE, Indexer, build_index
 from vidseek.search.searcher import Searcher
 from vidseek.serve.app import MAX_BODY_BYTES, create_app

@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 
-from http_index import shared_http_index
+from reliability.http_index import shared_http_index
 from vidseek.serve.app import create_app
 
 EXAMPLES = {GenerationMode.POSITIVE: 200, GenerationMode.NEGATIVE: 80}

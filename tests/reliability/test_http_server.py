@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from http_index import shared_http_index
+from reliability.http_index import shared_http_index
 from vidseek.serve.app import create_app
 from vidseek.serve.server import HeaderDeadlineProtocol, bind, server_config
 
