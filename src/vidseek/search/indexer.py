@@ -132,8 +132,8 @@ class Indexer:
             recall_checkpoint, recall_sha = existing["recall"]["checkpoint"], existing["recall"]["sha256"]
             self._check_same(existing, requested, rerank, segment_seconds, overlap_seconds)
             clip_arch = None
-            if requested is not None:  # the same file (by hash), maybe moved: use it where it is now
-                recall_checkpoint = requested[1]
+            if requested is not None and existing["recall"].get("arch"):
+                recall_checkpoint = requested[1]  # zero-shot weights, same file (by hash), maybe moved: use it where it is now
         options = RecallOptions(index_type=index_type, backend=backend, milvus_uri=milvus_uri,
                                 milvus_collection=milvus_collection, clip_arch=clip_arch,
                                 memory_budget_bytes=memory_budget_bytes, beams=beams)

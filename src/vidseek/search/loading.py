@@ -47,6 +47,8 @@ def load_checkpoint_model(checkpoint: str | Path, device: str = "cpu", expected_
     from vidseek.train.checkpoint import load_model
 
     path = Path(checkpoint).expanduser()
+    if path.is_dir():  # a run folder stands for the checkpoint file `load_model` reads from it
+        path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path)
     if expected_sha256 is not None:
         if not path.is_file():
             raise SearchIndexError(f"the index was built with checkpoint {path}, which no longer exists; "
