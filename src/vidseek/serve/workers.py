@@ -14,6 +14,7 @@ shared Milvus server (`vidseek index --backend milvus --milvus-uri http://…`).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict
@@ -51,7 +52,11 @@ def run_server(index: str | Path, host: str, port: int, *, workers: int = 1, dev
     os.environ[SERVE_SETTINGS_ENV] = json.dumps(settings)  # the workers inherit the environment
     config = server_config(f"{__name__}:app_from_env", factory=True, workers=workers)
     announce(shown_url(host, sock))
-    Multiprocess(config, target=Server(config).run, sockets=[sock]).run()
+    # uvicorn < 0.30 takes the worker's entry point; later versions build a Server per worker themselves.
+    takes_target = "target" in inspect.signature(Multiprocess.__init__).parameters
+    supervisor = Multiprocess(config, target=Server(config).run, sockets=[sock]) if takes_target \
+        else Multiprocess(config, sockets=[sock])
+    supervisor.run()
 
 
 def app_from_env() -> Any:
