@@ -621,11 +621,12 @@ SERVE_CONFIGS = {
 def serve_subprocess(index_dir: Path, options: Sequence[str], threads: int, timeout_s: float = 300.0) -> Iterator[str]:
     """`vidseek serve INDEX` on a free 127.0.0.1 port in a child process; yields its base URL."""
     import os
-    import signal
     import subprocess
     import sys
 
     import httpx
+
+    from vidseek.utils import interrupt_then_kill
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
@@ -644,12 +645,7 @@ def serve_subprocess(index_dir: Path, options: Sequence[str], threads: int, time
                 time.sleep(0.5)
         yield base_url
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        interrupt_then_kill(server)
 
 
 def _check_served_results(base_url: str, expected: dict[str, list[Any]]) -> None:

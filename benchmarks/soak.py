@@ -22,7 +22,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 import numpy as np
+
+from vidseek.utils import interrupt_then_kill
 
 MIX = (("search GET", 55), ("search POST", 15), ("health", 10), ("video range", 15), ("thumbnail", 5))
 STARTUP_TIMEOUT_S = 600.0
@@ -168,11 +169,7 @@ def run_soak(index: Path, queries: Sequence[str], clients: int, seconds: float, 
         elapsed = time.monotonic() - began
         after = rss_kib(server.pid)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        interrupt_then_kill(server)
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     examples: list[str] = []

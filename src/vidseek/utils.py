@@ -76,3 +76,17 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def interrupt_then_kill(process: Any, timeout_s: float = 30.0) -> None:
+    """Stop a child `subprocess.Popen` like Ctrl-C (servers shut down cleanly on SIGINT); kill it
+    if it is still running after `timeout_s`."""
+    import signal
+    import subprocess
+
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
