@@ -493,7 +493,24 @@ def exact_copy(index_dir: Path, copy_dir: Path, backend: str, milvus_uri: str | 
     for start in range(0, ids.size, 20_000):
         dense.add(ids[start:start + 20_000], vectors[start:start + 20_000])
     dense.save(state)
+    rewrite_manifest(copy_dir)
     return copy_dir
+
+
+def rewrite_manifest(index_dir: Path) -> None:
+    """Record the files of an index folder whose dense index was rebuilt here (not by `vidseek
+    index`) in its manifest, after checking everything else, as `vidseek verify --write-manifest`."""
+    import json
+
+    from vidseek.search.integrity import MANIFEST_KEY, verify_index
+    from vidseek.utils import atomic_write_json
+
+    meta = json.loads((index_dir / "index.json").read_text())
+    meta.pop(MANIFEST_KEY, None)
+    atomic_write_json(index_dir / "index.json", meta)
+    problems, _ = verify_index(index_dir, write_manifest=True)
+    if problems:
+        raise RuntimeError(f"{index_dir} does not verify after the rebuild: {problems[0]}")
 
 
 @contextmanager
