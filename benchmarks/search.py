@@ -514,9 +514,10 @@ def rewrite_manifest(index_dir: Path) -> None:
 
 
 @contextmanager
-def serve_in_namespace(index_dir: Path, server: Any, port: int, startup_timeout_s: float = 300.0) -> Iterator[str]:
-    """`vidseek serve INDEX` as its own process inside the Milvus server's loopback-only network
-    namespace, reached from here through a `NamespaceBridge`; yields the bridged base URL."""
+def serve_in_namespace(index_dir: Path, server: Any, port: int, options: Sequence[str] = (),
+                       startup_timeout_s: float = 300.0) -> Iterator[str]:
+    """`vidseek serve INDEX [options]` as its own process inside the Milvus server's loopback-only
+    network namespace, reached from here through a `NamespaceBridge`; yields the bridged base URL."""
     import subprocess
     import sys
 
@@ -531,7 +532,7 @@ def serve_in_namespace(index_dir: Path, server: Any, port: int, startup_timeout_
     with open(log_path, "wb") as log:
         process = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "nsenter", f"--net={server.namespace_path}",
                                     sys.executable, "-m", "vidseek.cli",
-                                    "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port)],
+                                    "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port), *options],
                                    stdout=subprocess.DEVNULL, stderr=log)
     base_url = f"http://127.0.0.1:{bridge.port}"
     try:
@@ -562,7 +563,6 @@ def bench_milvus_serving(count: int, args: argparse.Namespace) -> dict[str, Any]
     `vidseek serve` processes run in one loopback-only network namespace; the benchmark's clients
     reach both servers through the same bridge, so transport costs the two columns alike.
     """
-    import json
     import sys
 
     import httpx
@@ -578,14 +578,13 @@ def bench_milvus_serving(count: int, args: argparse.Namespace) -> dict[str, Any]
         grow_index(index_dir, count, args.seed)
         faiss_dir = exact_copy(index_dir, root / "faiss", "faiss")
         milvus_dir = exact_copy(index_dir, root / "milvus-index", "milvus", server.uri)
-        # The serving process lives in the namespace, where Milvus is at its own port.
-        meta_path = milvus_dir / "recall" / "dense.json"
-        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "uri": f"http://127.0.0.1:{PROXY_PORT}"}))
         texts = [captions[n % len(captions)] for n in range(args.milvus_requests)]
         requests = [HttpRequest("GET", "/search", params={"q": text, "k": K}) for text in texts]
         seconds = {"faiss": 0.0, "milvus": 0.0}
         with serve_in_namespace(faiss_dir, server, 8001) as faiss_url, \
-                serve_in_namespace(milvus_dir, server, 8002) as milvus_url:
+                serve_in_namespace(milvus_dir, server, 8002,
+                                   # in the namespace Milvus answers at its own port, not at the bridge's
+                                   ["--milvus-uri", f"http://127.0.0.1:{PROXY_PORT}"]) as milvus_url:
             urls = {"faiss": faiss_url, "milvus": milvus_url}
             for text in texts[:3]:  # warm-up, and both columns must do the same work
                 hits = {name: [h["video_id"] for h in httpx.get(f"{url}/search", params={"q": text, "k": K},

@@ -263,6 +263,59 @@ def test_faiss_exact_and_milvus_return_the_same_top_k(tmp_path, built):
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
 
 
+def test_a_milvus_index_reached_at_another_address_opens_with_milvus_uri_and_stays_intact(tmp_path, built):
+    """The same Milvus data at another address (a server seen from another host; here a
+    milvus-lite file moved elsewhere): `--milvus-uri` opens it without touching the index folder,
+    also for an update. Editing dense.json's URI instead is what every later open refuses (the
+    manifest records dense.json's size), so a user who had to do that lost the index."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from vidseek.cli import cli
+    from vidseek.search.entries import RECALL_STATE_DIR
+    from vidseek.search.integrity import verify_index
+
+    index, shared, moved = tmp_path / "index", tmp_path / "shared", tmp_path / "moved"
+    # Built by another process: milvus-lite keeps a path locked by the process that opened it.
+    subprocess.run([sys.executable, "-m", "vidseek.cli", "index", str(built["folder"]), "--out", str(index),
+                    "--recall", str(built["recall"]), "--backend", "milvus", "--index-type", "flat",
+                    "--milvus-uri", str(shared / "vectors.db"), "--workers", "0"], check=True, capture_output=True)
+    dense_json = index / RECALL_STATE_DIR / "dense.json"
+    recorded = dense_json.read_bytes()
+    shared.rename(moved)  # the same data, now at another address
+    new_uri = str(moved / "vectors.db")
+
+    with pytest.raises(SearchIndexError, match="vectors.db named by .* is missing; pass --milvus-uri"):
+        Searcher(index)
+    queries = [QUERY, "a green star blinks"]
+    with Searcher(built["index"]) as searcher:  # FAISS over the same folder and recall checkpoint
+        expected = searcher.search_batch(queries, k=5, recall_k=5, rerank=False)
+    with Searcher(index, milvus_uri=new_uri) as searcher:
+        found = searcher.search_batch(queries, k=5, recall_k=5, rerank=False)
+    for hits, reference in zip(found, expected):
+        assert [h.video_id for h in hits] == [h.video_id for h in reference]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in reference], atol=1e-5)
+    assert dense_json.read_bytes() == recorded
+    assert verify_index(index)[0] == []
+
+    # an update through the other address keeps the recorded URI, and the index verifies
+    gone = expected[0][0].video_id
+    with Indexer(index, milvus_uri=new_uri, progress=False) as indexer:
+        assert indexer.remove([gone]) == 1
+    assert json.loads(dense_json.read_text())["uri"] == json.loads(recorded)["uri"]
+    assert verify_index(index)[0] == []
+    result = CliRunner().invoke(cli, ["search", str(index), QUERY, "--json", "--no-rerank", "-k", "4",
+                                      "--milvus-uri", new_uri])
+    assert result.exit_code == 0, result.output
+    assert [h["video_id"] for h in json.loads(result.output)["results"]] == [h.video_id for h in expected[0][1:5]]
+
+    # a FAISS index has no Milvus server to reach: one clear line
+    with pytest.raises(ConfigError, match="keeps its vectors in FAISS, not Milvus; drop --milvus-uri"):
+        Searcher(built["index"], milvus_uri="http://127.0.0.1:19530")
+
+
 def test_long_videos_are_cut_into_windows_and_hits_keep_the_best_window(tmp_path, built):
     from vidseek.data.synth import SynthConfig, generate
 

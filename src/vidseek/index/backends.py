@@ -36,11 +36,15 @@ def build_dense_index(dim: int, *, index_type: str = "auto", expected_count: int
     raise ConfigError(f"unknown dense index backend {backend!r}: use 'faiss' or 'milvus'")
 
 
-def load_dense_index(folder: str | Path) -> DenseIndex:
-    """Open the index saved in `folder` (its dense.json says which backend)."""
+def load_dense_index(folder: str | Path, milvus_uri: str | None = None) -> DenseIndex:
+    """Open the index saved in `folder` (its dense.json says which backend). `milvus_uri`: where
+    this process reaches a Milvus-backed index's server, when not at the recorded URI."""
     meta = read_meta(folder)
     if meta.get("backend") == "faiss":
+        if milvus_uri is not None:
+            raise ConfigError(f"--milvus-uri {milvus_uri}: the index at {Path(folder).parent} keeps its vectors in "
+                              f"FAISS, not Milvus; drop --milvus-uri")
         return FaissDenseIndex.load(folder, meta)
     if meta.get("backend") == "milvus":
-        return MilvusDenseIndex.load(folder, meta)
+        return MilvusDenseIndex.load(folder, meta, uri=milvus_uri)
     raise SearchIndexError(f"{Path(folder) / DENSE_META_FILE} names unknown backend {meta.get('backend')!r}; rebuild the index")

@@ -18,6 +18,13 @@ the metric is IP (vectors are L2-normalised, so IP = cosine and scores match the
 Index types: ``"flat"`` (exact, FLAT) or ``"autoindex"`` (the server picks its ANN index);
 ``"auto"`` maps `choose_index_type`'s "flat" to FLAT and anything larger to AUTOINDEX.
 
+**One server, several addresses.** ``dense.json`` records the URI the index was built with, but
+the same server may be reached at another address from elsewhere (another host, a container, a
+tunnel, a moved milvus-lite file): `load` takes that address (``--milvus-uri`` of search / serve /
+index) and connects there, while ``dense.json`` — which the index's manifest covers — keeps the
+recorded URI; editing it would make every later open refuse the index as damaged. The
+collection's owner token still guards against reaching a different server's collection.
+
 **Consistency.** Searches run at Bounded consistency (a few seconds of staleness allowed, no
 wait for the newest timestamp: measured ≈ 2 ms against ≈ 200 ms at Strong). Read-your-writes is
 kept without paying Strong on every query: the first search after this client's own add / remove
@@ -126,6 +133,7 @@ class MilvusDenseIndex:
         self.uri = uri if is_server_uri(uri) else str(Path(uri).expanduser().resolve())
         self.collection = check_collection_name(collection)
         self.owner = owner
+        self.recorded_uri = self.uri  # what save() writes; `load` may connect elsewhere
         self.folder: Path | None = None
         self._count = 0
         self._wrote = False  # the next search must see this client's writes
@@ -275,7 +283,7 @@ class MilvusDenseIndex:
         folder = Path(folder).resolve()
         if flush:
             self._call("flushing", self._client.flush, self.collection)
-        uri = self.uri
+        uri = self.recorded_uri
         if not is_server_uri(uri) and Path(uri).is_relative_to(folder):
             uri = str(Path(uri).relative_to(folder))
         atomic_write_json(folder / DENSE_META_FILE, {
@@ -285,30 +293,36 @@ class MilvusDenseIndex:
         })
 
     def close(self) -> None:
-        """Release the client (for milvus-lite this stops the embedded server once no client uses it)."""
+        """Release the client's connection. (milvus-lite 3 keeps its in-process server, and its lock
+        on the data path, until the process exits.)"""
         self._client.close()
 
     @classmethod
-    def load(cls, folder: str | Path, meta: dict[str, Any]) -> "MilvusDenseIndex":
+    def load(cls, folder: str | Path, meta: dict[str, Any], uri: str | None = None) -> "MilvusDenseIndex":
         """Reopen the collection named in dense.json (called by `load_dense_index`); refuse one that
         another index owns. A collection missing while dense.json counts no entries is an interrupted
-        first build: it is created now."""
-        uri = str(meta["uri"])
-        if not is_server_uri(uri) and not Path(uri).is_absolute():
-            uri = str(Path(folder).resolve() / uri)
+        first build: it is created now. `uri`: reach the server there instead of at the recorded URI
+        (dense.json is left as it is: see the module docstring)."""
+        recorded = str(meta["uri"])
+        if not is_server_uri(recorded) and not Path(recorded).is_absolute():
+            recorded = str(Path(folder).resolve() / recorded)
+        where = "" if uri is None else f" (reached through --milvus-uri {uri}; the index was built against {recorded})"
+        uri = recorded if uri is None else uri
         if not is_server_uri(uri) and not Path(uri).exists() and int(meta.get("count", 0)) > 0:
-            raise SearchIndexError(f"milvus-lite data {uri} named by {Path(folder) / DENSE_META_FILE} is missing; rebuild the index")
+            raise SearchIndexError(f"milvus-lite data {uri} named by {Path(folder) / DENSE_META_FILE} is missing{where}; "
+                                   f"pass --milvus-uri with its new location, or rebuild the index")
         if "owner" not in meta:
             raise SearchIndexError(f"{Path(folder) / DENSE_META_FILE} predates collection ownership (no owner "
                                    f"recorded); rebuild the index so that it gets a collection of its own")
         index = cls.__new__(cls)
         index._init_common(int(meta["dim"]), uri, str(meta["collection"]), str(meta["owner"]))
+        index.recorded_uri = recorded if is_server_uri(recorded) else str(Path(recorded).resolve())
         index.index_type = str(meta["index_type"])
         index.folder = Path(folder).resolve()
         if not index._call("checking the collection", index._client.has_collection, index.collection):
             if int(meta.get("count", 0)) > 0:
-                raise SearchIndexError(f"Milvus collection {index.collection!r} is missing at {index.uri}; "
-                                       f"rebuild the index")
+                raise SearchIndexError(f"Milvus collection {index.collection!r} is missing at {index.uri}{where}; "
+                                       f"check that this is the server the index was built on, or rebuild the index")
             index._create_collection()
         index._check_owner()
         index._check_existing_dimension()

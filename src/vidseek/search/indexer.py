@@ -386,7 +386,10 @@ class Indexer:
         atomic_write_json(self.index_dir / INDEX_FILE, self.meta)
 
     def close(self) -> None:
+        from vidseek.search.searcher import close_recall
+
         self.entries.close()
+        close_recall(self.recall)
 
     def __enter__(self) -> "Indexer":
         return self

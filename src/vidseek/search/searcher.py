@@ -84,11 +84,13 @@ class RecallBackend(Recall, Protocol):
 @dataclass
 class RecallOptions:
     """Settings for a NEW recall index (an existing one keeps what it was built with), except
-    `beams`, which a GRDR index takes at every open (search time included)."""
+    `beams`, which a GRDR index takes at every open (search time included), and `milvus_uri`,
+    which for an existing Milvus-backed index says where this process reaches its server (the
+    recorded URI is kept: `vidseek.index.milvus`, "one server, several addresses")."""
 
     index_type: str = "auto"
     backend: str = "faiss"  # dense index backend: "faiss" or "milvus"
-    milvus_uri: str | None = None  # default for milvus: <index>/recall/milvus.db (milvus-lite)
+    milvus_uri: str | None = None  # new index: default <index>/recall/milvus.db (milvus-lite)
     milvus_collection: str | None = None  # default: derived from the index folder's name, recorded
     clip_arch: str | None = None  # zero-shot recall (--recall clip:ARCH): the CLIP architecture
     memory_budget_bytes: int = 4 << 30
@@ -156,6 +158,14 @@ def open_recall(backend: str, checkpoint: str, state_dir: Path, options: RecallO
     return builder(checkpoint, state_dir, options, device, expected_sha256)
 
 
+def close_recall(recall: Any) -> None:
+    """Release what a recall stage's dense index holds open (a Milvus client: its connection, and
+    for milvus-lite the embedded server with its lock on the data); FAISS holds nothing."""
+    close = getattr(getattr(recall, "index", None), "close", None)
+    if close is not None:
+        close()
+
+
 def encode_queries(model: Any, texts: Sequence[str], words: int) -> Any:
     """TextFeatures of `texts` with the model's own tokenizer and context length."""
     import torch
@@ -186,7 +196,7 @@ class DenseRecall:
         if (self.state_dir / "dense.json").is_file():
             from vidseek.index.backends import load_dense_index
 
-            self.index = load_dense_index(self.state_dir)
+            self.index = load_dense_index(self.state_dir, milvus_uri=options.milvus_uri)
 
     @classmethod
     def build(cls, checkpoint: str, state_dir: Path, options: RecallOptions, device: str,
@@ -376,12 +386,16 @@ class Searcher:
     >>> s = Searcher("my-index"); s.search("a red circle moves left", k=5)
     """
 
-    def __init__(self, index_dir: str | Path, device: str = "cpu", beams: int | None = None):
-        """`beams`: GRDR beam width for this searcher (more beams, more candidates); grdr: recall only."""
+    def __init__(self, index_dir: str | Path, device: str = "cpu", beams: int | None = None,
+                 milvus_uri: str | None = None):
+        """`beams`: GRDR beam width for this searcher (more beams, more candidates); grdr: recall only.
+        `milvus_uri`: where this process reaches a Milvus-backed index's server, if not at the
+        address recorded at indexing (another host, a container); the index folder is not changed."""
         self.index_dir = Path(index_dir)
         self.meta = read_index_json(self.index_dir)
         self.device = device
         self.beams = beams
+        self.milvus_uri = milvus_uri
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._stats_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidseek-search")
@@ -397,8 +411,9 @@ class Searcher:
         check_files(self.index_dir, self.meta)  # presence and sizes against the manifest: stat calls only
         self.entries = EntryCatalog(self.index_dir / ENTRIES_FILE, mode="read")
         recall_meta = self.meta["recall"]
+        options = RecallOptions(beams=self.beams, milvus_uri=self.milvus_uri)
         self.recall: RecallBackend = open_recall(recall_meta["backend"], recall_meta["checkpoint"],
-                                                 self.index_dir / RECALL_STATE_DIR, RecallOptions(beams=self.beams),
+                                                 self.index_dir / RECALL_STATE_DIR, options,
                                                  device=self.device, expected_sha256=recall_meta["sha256"])
         dim = getattr(getattr(self.recall, "index", None), "dim", None)
         check_counts(self.index_dir, self.meta, self.entries.counts()["keys"], len(self.recall),
@@ -482,6 +497,7 @@ class Searcher:
     def close(self) -> None:
         def shut() -> None:
             self.entries.close()
+            close_recall(getattr(self, "recall", None))
             if self.reranker is not None and self.reranker.store is not None:
                 self.reranker.store.close()
 

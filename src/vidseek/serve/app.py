@@ -200,13 +200,14 @@ def recorded_file(entry: Entry) -> RecordedFile:
 # --- the app -------------------------------------------------------------------------------------
 
 def create_app(index_dir: str | Path, *, device: str = "cpu", searcher: Searcher | None = None,
-               batching: BatchSettings | None = None) -> FastAPI:
+               batching: BatchSettings | None = None, milvus_uri: str | None = None) -> FastAPI:
     """The FastAPI app over `index_dir` (a `Searcher` is opened now, so a bad index fails at start;
     a given `searcher` is used until the index changes on disk and is never closed here).
     `batching`: run concurrent searches together (`vidseek.search.batching`); None: one at a time.
-    A batch runs on the index generation current when it starts (`LiveIndex.search_batch`)."""
+    A batch runs on the index generation current when it starts (`LiveIndex.search_batch`).
+    `milvus_uri`: where this process reaches a Milvus-backed index's server (`Searcher`)."""
     index_dir = Path(index_dir)
-    index = LiveIndex(index_dir, lambda: Searcher(index_dir, device=device), first=searcher)
+    index = LiveIndex(index_dir, lambda: Searcher(index_dir, device=device, milvus_uri=milvus_uri), first=searcher)
     batcher = None if batching is None else QueryBatcher(index, batching)
     thumbnail_dir = index_dir / THUMBNAIL_DIR
     thumbnail_lock = threading.Lock()

@@ -17,6 +17,8 @@ from vidseek.errors import ConfigError
 RAY_HELP = ("Decode + encode on a Ray cluster (one actor per GPU, else per CPU); this process writes the "
             "store. ADDRESS: HOST:PORT of the head, ray://HOST:10001 or auto; none: RAY_ADDRESS, else a local "
             "Ray. --out must be on storage every node shares. Put --ray after the video source.")
+SERVE_MILVUS_URI_HELP = ("Where this machine reaches the index's Milvus server, if not at the address recorded by "
+                         "`vidseek index` (another host, a container); the index folder is not changed.")
 BEAMS_HELP = ("GRDR beam width (grdr: recall only): more beams recall more candidates, slower; "
               "default: the index's own, else the preset's full-corpus width.")
 
@@ -38,7 +40,9 @@ def index_cmd(
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivf<nlist>,flat, ivf<nlist>,pq<m>, hnsw<M>."),
     backend: str = typer.Option("faiss", "--backend", help="Dense index backend: faiss or milvus."),
     milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="Milvus server URI or milvus-lite file "
-                                                                         "(default <out>/recall/milvus.db)."),
+                                                                         "(default <out>/recall/milvus.db); for an "
+                                                                         "existing index: where this machine reaches "
+                                                                         "its server, if not at the recorded address."),
     milvus_collection: Optional[str] = typer.Option(None, "--milvus-collection", help="This index's own Milvus "
                                                      "collection (default: vidseek_<out name>_<random>, recorded)."),
     memory_budget: str = typer.Option("4G", "--memory-budget", help="RAM the dense index may use (chooses PQ above it)."),
@@ -59,7 +63,7 @@ def index_cmd(
         if not items:
             raise ConfigError("--remove needs the video ids to delete, e.g. `vidseek index --out IDX --remove cat/clip1`")
         with Indexer(out, recall=recall, rerank=rerank, device=device, progress=False, beams=beams,
-                     weights=weights) as indexer:
+                     weights=weights, milvus_uri=milvus_uri) as indexer:
             removed = indexer.remove(items)
         typer.echo(f"removed {removed} entries of {len(items)} video id(s) from {out}")
         return
@@ -88,12 +92,13 @@ def search_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     beams: Optional[int] = typer.Option(None, "--beams", help=BEAMS_HELP),
     device: str = typer.Option("cpu", "--device"),
+    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help=SERVE_MILVUS_URI_HELP),
 ) -> None:
     """Search an index from the command line."""
     from vidseek.search.hits_table import print_hits
     from vidseek.search.searcher import Searcher
 
-    with Searcher(index, device=device, beams=beams) as searcher:
+    with Searcher(index, device=device, beams=beams, milvus_uri=milvus_uri) as searcher:
         hits = searcher.search(text, k=k, recall_k=recall_k, rerank=not no_rerank)
     if json_out:
         typer.echo(json.dumps({"query": text, "results": [h.to_dict() for h in hits]}, indent=2))
@@ -109,6 +114,7 @@ def serve_cmd(
     workers: int = typer.Option(1, "--workers", help="Server processes, each with its own read-only copy of the index."),
     max_batch: int = typer.Option(16, "--max-batch", help="Concurrent queries encoded together (1: no batching)."),
     batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a query waits for others to batch with."),
+    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help=SERVE_MILVUS_URI_HELP),
 ) -> None:
     """Serve the search API and web page (http://HOST:PORT/, API docs at /docs)."""
     from vidseek.search.batching import BatchSettings
@@ -116,7 +122,7 @@ def serve_cmd(
 
     settings = BatchSettings(max_batch, batch_wait_ms)  # validates both
     batching = settings if settings.max_batch > 1 else None
-    run_server(index, host, port, workers=workers, device=device, batching=batching,
+    run_server(index, host, port, workers=workers, device=device, batching=batching, milvus_uri=milvus_uri,
                announce=lambda url: typer.echo(f"vidseek: serving {index} at {url} (API docs at /docs)"))
 
 

@@ -10,7 +10,8 @@ process answered (`X-Vidseek-Worker: <pid>`).
 
 Several hosts behind a load balancer are the same picture one level up: each host runs
 `vidseek serve` on a copy of the index folder, or on one folder whose recall index lives in a
-shared Milvus server (`vidseek index --backend milvus --milvus-uri http://…`).
+shared Milvus server (`vidseek index --backend milvus --milvus-uri http://…`; a host that reaches
+that server at another address serves with `--milvus-uri` set to its own address).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ WORKER_HEADER = "X-Vidseek-Worker"
 
 
 def run_server(index: str | Path, host: str, port: int, *, workers: int = 1, device: str = "cpu",
-               batching: BatchSettings | None = None, announce: Callable[[str], None] = print) -> None:
+               batching: BatchSettings | None = None, milvus_uri: str | None = None,
+               announce: Callable[[str], None] = print) -> None:
     """Serve `index` on host:port with `workers` processes (1: this process), with the bounds of
     `vidseek.serve.server` (port bound first: a busy port is one line, before anything is announced)."""
     from uvicorn import Server
@@ -43,11 +45,11 @@ def run_server(index: str | Path, host: str, port: int, *, workers: int = 1, dev
     if workers == 1:
         from vidseek.serve.app import create_app
 
-        serve(lambda: create_app(index, device=device, batching=batching), host, port, announce)
+        serve(lambda: create_app(index, device=device, batching=batching, milvus_uri=milvus_uri), host, port, announce)
         return
     read_index_json(index)  # a missing or broken index is one clear error here, not N worker crashes
     sock = bind(host, port)
-    settings = {"index": str(Path(index).absolute()), "device": device,
+    settings = {"index": str(Path(index).absolute()), "device": device, "milvus_uri": milvus_uri,
                 "batching": None if batching is None else asdict(batching)}
     os.environ[SERVE_SETTINGS_ENV] = json.dumps(settings)  # the workers inherit the environment
     config = server_config(f"{__name__}:app_from_env", factory=True, workers=workers)
@@ -68,7 +70,7 @@ def app_from_env() -> Any:
         raise ConfigError(f"{SERVE_SETTINGS_ENV} is not set: start workers with `vidseek serve INDEX --workers N`")
     settings = json.loads(text)
     batching = None if settings["batching"] is None else BatchSettings(**settings["batching"])
-    app = create_app(settings["index"], device=settings["device"], batching=batching)
+    app = create_app(settings["index"], device=settings["device"], batching=batching, milvus_uri=settings["milvus_uri"])
     worker = str(os.getpid())
 
     @app.middleware("http")
