@@ -71,6 +71,41 @@ def test_one_actor_per_gpu_else_per_cpu():
     assert actor_resources({"CPU": 8.0}, 3) == (3, {"num_cpus": 1})
 
 
+@pytest.mark.parametrize("command", ["extract", "index"])
+@pytest.mark.parametrize("given, address", [
+    (["--ray"], "local"),                                      # last: a local / RAY_ADDRESS Ray
+    (["--ray", "--batch-size", "2"], "local"),                 # followed by another option
+    (["--ray", "10.0.0.7:6379", "--batch-size", "2"], "10.0.0.7:6379"),
+    (["--ray=ray://head:10001"], "ray://head:10001"),
+    (["--batch-size", "2"], None),                             # no --ray: this process
+])
+def test_ray_option_with_and_without_an_address(command, given, address, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import vidseek.store.ray_ingest as ray_ingest
+    from vidseek.cli import cli
+    from vidseek.errors import ConfigError
+
+    seen = []
+
+    def record(ray_address):
+        seen.append(ray_address)
+        raise ConfigError("stop here")  # the address is all this test needs
+
+    monkeypatch.setattr(ray_ingest, "runner_for", record)
+    options = ["--model", "tiny"] if command == "extract" else ["--recall", "any.pt"]
+    result = CliRunner().invoke(cli, [command, str(tmp_path), "--out", str(tmp_path / "out"), *options, *given])
+    assert seen == [address], result.output
+    assert isinstance(result.exception, ConfigError) and str(result.exception) == "stop here"
+
+
+def test_ray_option_uses_no_deprecated_typer_parameter():
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-m", "vidseek.cli", "index", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--ray" in done.stdout and "[ADDRESS]" in done.stdout
+
+
 # --- the loopback-only Ray cluster ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

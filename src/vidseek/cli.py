@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from vidseek.errors import VidseekError
-from vidseek.serve.commands import RAY_HELP
+from vidseek.serve.commands import RAY_HELP, RAY_OPTION, RayCommand
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="vidseek: text-to-video retrieval — train, evaluate, index, search, serve.")
 
@@ -33,7 +33,7 @@ def synth(
                f"hard-negative pairs {summary.hard_negative_pairs} → {summary.out_dir}")
 
 
-@cli.command()
+@cli.command(cls=RayCommand)
 def extract(
     source: Path = typer.Argument(..., help="Dataset folder, .jsonl file, or a folder of videos."),
     out: Path = typer.Option(..., "--out", help="Feature store folder (created or resumed)."),
@@ -46,8 +46,7 @@ def extract(
     overlap: float = typer.Option(0.0, "--overlap", help="Window overlap in seconds."),
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
-    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-                                      help=RAY_HELP),
+    ray: Optional[str] = typer.Option(None, RAY_OPTION, metavar="[ADDRESS]", help=RAY_HELP),
 ) -> None:
     """Extract per-frame CLIP features into a resumable feature store."""
     from vidseek.encoders import build_clip

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from vidseek.errors import ConfigError
 
@@ -19,6 +20,34 @@ RAY_HELP = ("Decode + encode on a Ray cluster (one actor per GPU, else per CPU);
             "Ray. --out must be on storage every node shares. Put --ray after the video source.")
 SERVE_MILVUS_URI_HELP = ("Where this machine reaches the index's Milvus server, if not at the address recorded by "
                          "`vidseek index` (another host, a container); the index folder is not changed.")
+RAY_OPTION = "--ray"
+
+
+def with_bare_ray_address(args: list[str]) -> list[str]:
+    """`args` with the default address after a bare `--ray` (last, or followed by another option
+    or `--`): `--ray` alone means a local / RAY_ADDRESS Ray, `--ray ADDRESS` that cluster."""
+    from vidseek.store.ray_ingest import LOCAL_ADDRESS
+
+    filled: list[str] = []
+    for position, arg in enumerate(args):
+        if arg == "--":  # what follows is positional, untouched
+            return filled + args[position:]
+        filled.append(arg)
+        following = args[position + 1] if position + 1 < len(args) else None
+        if arg == RAY_OPTION and (following is None or following.startswith("-")):
+            filled.append(LOCAL_ADDRESS)
+    return filled
+
+
+class RayCommand(TyperCommand):
+    """A command with a `--ray [ADDRESS]` option. Typer options cannot take an optional value
+    (its is_flag / flag_value are deprecated, and ignored since 0.29: a bare `--ray` was "requires
+    an argument"), so the address of a bare `--ray` is filled in before parsing."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_bare_ray_address(args))
+
+
 BEAMS_HELP = ("GRDR beam width (grdr: recall only): more beams recall more candidates, slower; "
               "default: the index's own, else the preset's full-corpus width.")
 
@@ -50,8 +79,7 @@ def index_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="Background decoding workers."),
     device: str = typer.Option("cpu", "--device"),
-    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-                                      help=RAY_HELP),
+    ray: Optional[str] = typer.Option(None, RAY_OPTION, metavar="[ADDRESS]", help=RAY_HELP),
 ) -> None:
     """Index a video collection for text search (re-run to add new videos; --remove to delete)."""
     from vidseek.search.indexer import Indexer, parse_memory
@@ -149,7 +177,7 @@ def demo_cmd(
 
 
 def register(cli: typer.Typer) -> None:
-    cli.command("index")(index_cmd)
+    cli.command("index", cls=RayCommand)(index_cmd)
     cli.command("search")(search_cmd)
     cli.command("serve")(serve_cmd)
     cli.command("demo")(demo_cmd)
