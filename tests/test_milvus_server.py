@@ -7,8 +7,9 @@ broken set-up, not something to skip.
 
 One flow, each step compared with FAISS flat on the same operations: index → search → add →
 remove → a second index on the same server (separate; it can neither take the first one's
-collection nor touch its vectors through the shared id space) → restart the server → search
-both again from their saved folders.
+collection nor touch its vectors through the shared id space) → the first index opened through a
+second address of the same server (`--milvus-uri`, as another host would; its folder unchanged)
+→ restart the server → search both again from their saved folders.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json
 import numpy as np
 import pytest
 
-from milvus_server import LoopbackMilvusServer
+from milvus_server import PROXY_PORT, LoopbackMilvusServer, NamespaceBridge
 from vidseek.errors import SearchIndexError
 from vidseek.index import build_dense_index, load_dense_index
 
@@ -108,6 +109,22 @@ def test_two_indexes_on_one_server_match_faiss_flat_across_updates_and_a_restart
         load_dense_index(hijacked)
     for index in (index_a, index_b):
         index.close()
+
+    # the same server at a second address (another host's name for it): --milvus-uri opens the
+    # index there, and saving keeps the address dense.json was built with
+    second_address = NamespaceBridge(PROXY_PORT)
+    try:
+        second_address.retarget(server.namespace_path)
+        second_uri = f"http://127.0.0.1:{second_address.port}"
+        recorded = (folder_a / "dense.json").read_bytes()
+        elsewhere = load_dense_index(folder_a, milvus_uri=second_uri)
+        assert elsewhere.uri == second_uri
+        assert_same_top_k(elsewhere, faiss_a, queries)
+        elsewhere.save(folder_a)
+        assert (folder_a / "dense.json").read_bytes() == recorded
+        elsewhere.close()
+    finally:
+        second_address.close()
 
     # restart the server → both indexes reopen from their folders with the same results
     server.restart()

@@ -159,8 +159,8 @@ def open_recall(backend: str, checkpoint: str, state_dir: Path, options: RecallO
 
 
 def close_recall(recall: Any) -> None:
-    """Release what a recall stage's dense index holds open (a Milvus client: its connection, and
-    for milvus-lite the embedded server with its lock on the data); FAISS holds nothing."""
+    """Release what a recall stage's dense index holds open: a Milvus client's connection (each
+    reopen of a served index would leak one otherwise); FAISS holds nothing."""
     close = getattr(getattr(recall, "index", None), "close", None)
     if close is not None:
         close()
