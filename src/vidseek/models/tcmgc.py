@@ -169,11 +169,18 @@ def top_values(x: Tensor, k: int, dim: int = -1) -> Tensor:
     if k > _INSERTION_TOPK_MAX or k >= n:
         return x.topk(k, dim=dim, largest=True, sorted=True).values
     rows = x.unbind(dim)
-    best = [rows[0]] + [torch.full_like(rows[0], float("-inf")) for _ in range(k - 1)]
+    best = [rows[0].clone()] + [torch.full_like(rows[0], float("-inf")) for _ in range(k - 1)]
+    # Without autograd, update in place: ~2× faster, as every fresh [.., rows] result would be a
+    # new large allocation (mmap + page faults) — 2k of them per entry of `dim`.
+    in_place = not (torch.is_grad_enabled() and x.requires_grad)
+    scratch = torch.empty_like(rows[0]) if in_place else None
     for row in rows[1:]:
         for i in range(k - 1, 0, -1):  # descending i, so best[i-1] is still the old value
-            best[i] = torch.maximum(best[i], torch.minimum(best[i - 1], row))
-        best[0] = torch.maximum(best[0], row)
+            if in_place:
+                torch.maximum(best[i], torch.minimum(best[i - 1], row, out=scratch), out=best[i])
+            else:
+                best[i] = torch.maximum(best[i], torch.minimum(best[i - 1], row))
+        best[0] = torch.maximum(best[0], row, out=best[0] if in_place else None)
     return torch.stack(best, dim=dim)
 
 

@@ -225,7 +225,7 @@ def probe_dots(
         if g_count == 1:
             # One query (the sentence): c − e = X·y is one D-vector per pair, cheaper to build than
             # projecting every probe onto X's n+1 columns: (n+1+P)·D instead of P·(n+1)·D.
-            xy = queries[..., 0].transpose(1, 2) @ video.design  # [Bv, Bt, D]
+            xy = queries[..., 0].transpose(1, 2).contiguous() @ video.design  # [Bv, Bt, D]; strided: a bmm per video
             p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1) + p_e[None, :, :, None]
             p_z = (p_c - m_c * p_sum[None, :, :, None]) * r + p_bias[None, :, :, None] * r_z
             out.append(p_z.transpose(0, 1))
