@@ -3,12 +3,14 @@
 One run, side by side, for 100k and 1M videos. Semantic IDs (4 views × 3 levels, K = 128) and
 512-d L2-normalised features are drawn synthetically; the GRDR decoder is a small random model
 (its speed does not depend on its weights). Both sides run single-threaded on batched queries and
-are timed in process CPU time (stable on a shared machine). Decoding uses the KV-cached
-`IncrementalDecoder`, as `GRDRRecall` does, scoring beams in chunks of `RECALL_BEAM_CHUNK` with the
-exact skip bound of `SemanticIdTrie.constrained_beam_search`; the row "one call per level" is
-the same search without chunks (the previous implementation's schedule), timed in the same run
-and checked to return identical IDs. IDs are uniform random, so at 1M videos nearly every
-ID holds ~2 videos and the candidate sets are ~2× the beam count.
+are timed in process CPU time (stable on a shared machine). Decoding runs as `GRDRRecall` does:
+the KV-cached `IncrementalDecoder` with decoder block 0 read from the per-trie-node table
+(`PrefixStates`, built once per index and timed separately), scoring beams in chunks of
+`RECALL_BEAM_CHUNK` with the exact skip bound of `SemanticIdTrie.constrained_beam_search`. The
+row "no node table (before)" is the same search computing block 0 per beam (the previous
+implementation), timed in the same run, interleaved, and checked to return identical IDs. IDs
+are uniform random, so at 1M videos nearly every ID holds ~2 videos and the candidate sets are
+~2× the beam count.
 
     GRDR:  text encoder → trie-constrained beam search (3 decoder steps) → ID → video expansion
     dense: text vector  → faiss IndexFlatIP exact top-100 over all N videos
@@ -109,7 +111,7 @@ def main() -> None:
     import faiss
 
     from vidseek.index.trie import SemanticIdTrie
-    from vidseek.models.grdr import GRDR, RECALL_BEAM_CHUNK, GRDRConfig, GRDRRecall, IncrementalDecoder
+    from vidseek.models.grdr import GRDR, RECALL_BEAM_CHUNK, GRDRConfig, GRDRRecall, IncrementalDecoder, PrefixStates
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -132,39 +134,40 @@ def main() -> None:
             encoded.append(out)
     text_ms = 1000 * text_s / len(texts)
 
-    def beam_search(trie, memory, mask, beams, chunk=RECALL_BEAM_CHUNK):
+    def beam_search(trie, memory, mask, beams, states=None):
         with torch.no_grad():
-            return trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), len(memory), beams,
-                                                chunk=chunk)
+            return trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask, states), len(memory),
+                                                beams, chunk=RECALL_BEAM_CHUNK)
 
-    rows, speedups, decode_gain, grdr_bytes, dense_bytes = [], {}, {}, {}, {}
+    rows, speedups, decode_gain, grdr_bytes, dense_bytes, table_s = [], {}, {}, {}, {}, {}
     for n in args.sizes:
         codes = rng.integers(0, cfg.codebook_size, size=(n, cfg.num_views, cfg.levels))
         build_s, trie = timed(lambda: SemanticIdTrie(codes, cfg.codebook_size))
+        table_s[n], states = timed(lambda: PrefixStates(model.retriever, trie))
         GRDRRecall(model, trie).recall(batches[0], args.beams[0])  # the public path works end to end
         grdr_bytes[n] = trie.bytes_per_video
         for beams in args.beams:
-            beam_search(trie, *encoded[0], beams)  # warm-up
-            unchunked_s, decode_s, expand_s, sizes = 0.0, 0.0, 0.0, []
-            for memory, mask in encoded:  # both schedules on the same batch, interleaved
-                s, (ids, _) = timed(lambda: beam_search(trie, memory, mask, beams))
+            beam_search(trie, *encoded[0], beams, states)  # warm-up
+            before_s, decode_s, expand_s, sizes = 0.0, 0.0, 0.0, []
+            for memory, mask in encoded:  # both decoders on the same batch, interleaved
+                s, (ids, _) = timed(lambda: beam_search(trie, memory, mask, beams, states))
                 decode_s += s
-                s, (ids_unchunked, _) = timed(lambda: beam_search(trie, memory, mask, beams, chunk=None))
-                unchunked_s += s
-                if not torch.equal(ids, ids_unchunked):
-                    raise SystemExit("chunked and unchunked beam search disagree")
+                s, (ids_before, _) = timed(lambda: beam_search(trie, memory, mask, beams))
+                before_s += s
+                if not torch.equal(ids, ids_before):
+                    raise SystemExit("beam search with and without the node table disagree")
                 s, cands = timed(lambda: trie.candidates(ids))
                 expand_s += s
                 sizes.extend(len(c) for c in cands)
             decode_ms = 1000 * decode_s / len(texts)
             expand_ms = 1000 * expand_s / len(texts)
-            unchunked_ms = 1000 * unchunked_s / len(texts)
-            rows.append((n, f"GRDR beams {beams}, one call per level (before)", unchunked_ms + expand_ms, unchunked_ms,
+            before_ms = 1000 * before_s / len(texts)
+            rows.append((n, f"GRDR beams {beams}, no node table (before)", before_ms + expand_ms, before_ms,
                          expand_ms, float(np.mean(sizes)), f"{trie.bytes_per_video} ({trie.total_bytes / n:.1f})"))
             rows.append((n, f"GRDR beams {beams}", decode_ms + expand_ms, decode_ms, expand_ms,
                          float(np.mean(sizes)), f"{trie.bytes_per_video} ({trie.total_bytes / n:.1f})"))
             speedups[(n, beams)] = rows[-1][2]
-            decode_gain[(n, beams)] = unchunked_ms / decode_ms
+            decode_gain[(n, beams)] = before_ms / decode_ms
 
         index = build_dense_index(n, cfg.embed_dim, rng)
         queries = rng.standard_normal((args.queries, cfg.embed_dim), dtype=np.float32)
@@ -179,7 +182,8 @@ def main() -> None:
         for beams in args.beams:
             speedups[(n, beams)] = dense_ms / speedups[(n, beams)]
         del index
-        print(f"[{n:,} videos] trie built in {build_s:.2f} s, {trie.num_ids:,} distinct IDs", flush=True)
+        print(f"[{n:,} videos] trie built in {build_s:.2f} s, {trie.num_ids:,} distinct IDs; node table "
+              f"({sum(len(t) for t in states.residual):,} prefix nodes) in {table_s[n]:.2f} s", flush=True)
 
     print()
     print(f"Recall CPU time per query (single thread, batches of {args.batch} queries, {args.queries} queries); "
@@ -193,8 +197,8 @@ def main() -> None:
         print(f"| {n:,} | {method} | {total:.2f} | {dec_s} | {exp_s} | {cands:.0f} | {size} |")
     print()
     for (n, beams), ratio in sorted(speedups.items()):
-        print(f"speed-up vs dense at {n:,} videos, beams {beams}: {ratio:.1f}x; chunked decoding vs one call per "
-              f"level: {decode_gain[(n, beams)]:.2f}x")
+        print(f"speed-up vs dense at {n:,} videos, beams {beams}: {ratio:.1f}x; decoding with the node table vs "
+              f"without: {decode_gain[(n, beams)]:.2f}x")
     largest = max(args.sizes)
     label = "1M" if largest == 1_000_000 else f"{largest:,}"
     print()

@@ -19,6 +19,7 @@ from vidseek.models.grdr import (
     GRDRConfig,
     GRDRRecall,
     IncrementalDecoder,
+    PrefixStates,
     candidate_hit_rate,
     candidate_size_stats,
     codebook_usage,
@@ -128,10 +129,12 @@ def test_decoder_shares_the_tokenizer_codebooks_and_paths_agree():
     assert teacher.abs().max() <= 100.0 + 1e-4
 
 
+@pytest.mark.parametrize("prefix_table", [False, True])
 @pytest.mark.parametrize("chunk", [None, 1, 4])
-def test_incremental_decoder_matches_full_recompute_beam_search(chunk):
-    """The KV-cached decoder, scoring chunks of beams of any subset of queries, gives the beams of
-    a search that recomputes every position from scratch (scores to float rounding)."""
+def test_incremental_decoder_matches_full_recompute_beam_search(chunk, prefix_table):
+    """The KV-cached decoder, scoring chunks of beams of any subset of queries, with or without
+    block 0 read from the per-trie-node table, gives the beams of a search that recomputes every
+    position from scratch (same IDs in the same order, scores to float rounding)."""
     torch.manual_seed(7)
     model = GRDR(tiny_config(decoder_layers=2)).eval()
     feats, _ = tiny_data(40, seed=7)
@@ -142,10 +145,30 @@ def test_incremental_decoder_matches_full_recompute_beam_search(chunk):
         full = trie.constrained_beam_search(
             lambda prefixes, ancestors, rows, first: model.retriever.step_logits(memory[rows], mask[rows], prefixes),
             4, beams=9)
-        cached = trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask), 4, beams=9,
+        states = PrefixStates(model.retriever, trie, batch=5) if prefix_table else None  # batch 5: several batches
+        cached = trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask, states), 4, beams=9,
                                               chunk=chunk)
     assert torch.equal(cached[0], full[0])
     torch.testing.assert_close(cached[1], full[1])
+
+
+def test_prefix_states_equal_block_zero_of_a_full_decode():
+    """Per trie node: the stored residual and cross query equal block 0 run on that node's prefix."""
+    torch.manual_seed(3)
+    model = GRDR(tiny_config(decoder_layers=2)).eval()
+    trie = SemanticIdTrie(model.encode(tiny_data(30, seed=3)[0]), 8)
+    states = PrefixStates(model.retriever, trie, batch=7)
+    block = model.retriever.blocks[0]
+    with torch.no_grad():
+        for level in range(trie.levels):
+            prefixes = torch.from_numpy(trie.node_prefixes(level))
+            assert len(states.residual[level]) == len(prefixes) == int((trie.nodes(prefixes) >= 0).sum())
+            assert torch.equal(trie.nodes(prefixes), torch.arange(len(prefixes)))  # node order = row order
+            for row in (0, len(prefixes) - 1):
+                x = model.retriever.decoder_inputs(prefixes[row][None, None])
+                expected = block.self_attention(x)[0, 0, level]
+                torch.testing.assert_close(states.residual[level][row], expected)
+                torch.testing.assert_close(states.cross_query[level][row], block.cross_query(expected))
 
 
 def test_contrastive_term_is_dot_product_ce_over_batch():

@@ -95,6 +95,17 @@ def test_allowed_next_matches_brute_force_prefix_sets():
     assert not trie.allowed_next(torch.tensor([[-1, 0]])).any()
 
 
+def test_node_prefixes_are_the_distinct_prefixes_in_node_order():
+    trie = hand_trie()  # IDs (0,1), (0,2)... see hand_trie: {01, 22, 10, 02}
+    assert trie.node_prefixes(0).shape == (1, 0)
+    assert trie.node_prefixes(1).tolist() == [[0], [1], [2]]
+    assert trie.node_prefixes(2).tolist() == [[0, 1], [0, 2], [1, 0], [2, 2]] == trie.all_ids().tolist()
+    assert torch.equal(trie.nodes(torch.from_numpy(trie.node_prefixes(2))), torch.arange(4))
+    assert trie.nodes(torch.tensor([[1, 1], [2, 0]])).tolist() == [-1, -1]  # not in the corpus
+    with pytest.raises(SearchIndexError, match="levels are 0..2"):
+        trie.node_prefixes(3)
+
+
 def hand_trie() -> SemanticIdTrie:
     codes = np.array([
         [[0, 1], [2, 2]],  # video 0

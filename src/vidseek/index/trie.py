@@ -151,9 +151,22 @@ class SemanticIdTrie:
         k, levels = self.codebook_size, self.levels
         return np.stack([(self.id_keys // k ** (levels - 1 - lv)) % k for lv in range(levels)], axis=1)
 
+    def node_prefixes(self, level: int) -> np.ndarray:
+        """The codes [n_level, level] (int64) of every trie node at `level` (0 ≤ level ≤ L), in node
+        order: ascending prefix, the order `_build` numbers them in (level 0: the root, one empty
+        prefix; level L: the distinct IDs, = `all_ids()`)."""
+        if not 0 <= level <= self.levels:
+            raise SearchIndexError(f"trie levels are 0..{self.levels}, got {level}")
+        if level == 0:
+            return np.zeros((1, 0), dtype=np.int64)
+        k = self.codebook_size
+        prefixes = np.unique(self.id_keys // k ** (self.levels - level))
+        return np.stack([(prefixes // k ** (level - 1 - j)) % k for j in range(level)], axis=1).reshape(-1, level)
+
     # --- lookups ---------------------------------------------------------------------------------
-    def _nodes(self, prefixes: Tensor) -> Tensor:
-        """Trie node of each prefix [B, i] at level i (-1 where the prefix is not in the trie)."""
+    def nodes(self, prefixes: Tensor) -> Tensor:
+        """Trie node of each prefix [B, i] at level i (-1 where the prefix is not in the trie);
+        node j of level i is the j-th row of `node_prefixes(i)`."""
         node = torch.zeros(prefixes.shape[0], dtype=torch.long)
         for level in range(prefixes.shape[1]):
             code = prefixes[:, level]
@@ -170,12 +183,12 @@ class SemanticIdTrie:
         level = prefixes.shape[1]
         if level >= self.levels:
             raise SearchIndexError(f"a prefix of length {level} has no next code: IDs have {self.levels} levels")
-        return self._child_t[level][self._nodes(prefixes)] >= 0  # node -1 → the dead last row
+        return self._child_t[level][self.nodes(prefixes)] >= 0  # node -1 → the dead last row
 
     def id_index(self, ids: Tensor | np.ndarray) -> np.ndarray:
         """Row in `all_ids()` of each full ID [B, L], or -1 when the ID is not in the corpus."""
         ids = torch.as_tensor(np.asarray(ids)).long().reshape(-1, self.levels)
-        return self._nodes(ids).numpy()
+        return self.nodes(ids).numpy()
 
     # --- decoding --------------------------------------------------------------------------------
     @torch.no_grad()
