@@ -34,6 +34,7 @@ __all__ = [
     "MetricInputError",
     "average_precision",
     "dual_softmax",
+    "gallery_recall_at",
     "gt_ranks",
     "inferred_ap",
     "mean_inferred_ap",
@@ -174,6 +175,33 @@ def recall_at(ranks: np.ndarray, k: int) -> float:
     if ranks.size == 0:
         raise MetricInputError("cannot compute R@K over zero queries; the evaluation set is empty")
     return float(100.0 * np.count_nonzero(ranks <= k) / ranks.size)
+
+
+def gallery_recall_at(ranks: np.ndarray, num_videos: int, gallery: int, k: int = 1) -> float:
+    """Expected R@K (%) had each query been ranked in a smaller gallery of `gallery` videos: its own
+    video plus `gallery` − 1 others drawn uniformly without replacement from the other videos.
+
+    Exact, not sampled: with rank r in the full gallery of `num_videos`, r − 1 other videos score
+    at least as high as the query's own; the number of them drawn into the smaller gallery is
+    hypergeometric, and the query hits R@K when fewer than K are drawn. Lets numbers on galleries
+    of different sizes be compared (e.g. a 402-video test split against a paper's 120-video one).
+    With the same number of captions per video this equals the mean R@K over random sub-galleries.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.size == 0:
+        raise MetricInputError("cannot compute R@K over zero queries; the evaluation set is empty")
+    if not 1 <= gallery <= num_videos or k < 1:
+        raise MetricInputError(f"sub-gallery size must be in [1, {num_videos}] and K >= 1, got gallery={gallery}, K={k}")
+    if ranks.min() < 1 or ranks.max() > num_videos:
+        raise MetricInputError(f"ranks must lie in [1, {num_videos}], got [{ranks.min()}, {ranks.max()}]")
+    others, drawn = num_videos - 1, gallery - 1
+    total = math.comb(others, drawn)
+
+    def hit_probability(better: int) -> float:
+        return sum(math.comb(better, j) * math.comb(others - better, drawn - j) for j in range(min(k, drawn + 1))) / total
+
+    values, counts = np.unique(ranks - 1, return_counts=True)
+    return float(100.0 * sum(c * hit_probability(int(v)) for v, c in zip(values, counts)) / ranks.size)
 
 
 def recall_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
