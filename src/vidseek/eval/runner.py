@@ -92,11 +92,6 @@ def _pair_metrics(pairs: dict[str, dict[int, dict[str, bool]]], sim: np.ndarray,
     return out
 
 
-#: Gallery size of the expected-R@1 figure reported next to the full-gallery R@1: the earlier
-#: 600-clip synthetic benchmark's test split, which issue 11's R@1 target refers to.
-SUB_GALLERY = 120
-
-
 def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, *, dsl: bool = False,
                    batch_size: int = 32, ranks_out: dict[str, np.ndarray] | None = None,
                    outcomes_out: dict[str, Any] | None = None) -> dict[str, float]:
@@ -106,7 +101,7 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
     `outcomes_out` receives the per-query `QueryOutcomes` under "outcomes" (for bootstrap CIs
     and `vidseek compare`) and where the hard-negative pairs came from under "hardneg_source"
     ("metadata" or "mined")."""
-    from vidseek.eval.metrics import dual_softmax, gallery_recall_at, gt_ranks, retrieval_report
+    from vidseek.eval.metrics import SUB_GALLERY, dual_softmax, gallery_recall_at, gt_ranks, retrieval_report
 
     model.eval()
     usable = list(source.usable)
