@@ -205,3 +205,16 @@ def test_eval_writes_intervals_and_per_query_outcomes_that_reproduce_the_metrics
     result = CliRunner().invoke(cli, ["compare", str(tmp_path / "run"), str(tmp_path / "run" / "eval-test.json")])
     assert result.exit_code == 0, result.output
     assert "+0.0  [+0.0, +0.0]" in result.output
+
+
+def test_sub_gallery_column_is_the_mean_of_exact_hit_probabilities():
+    from vidseek.eval.metrics import gallery_recall_at
+
+    # 150 videos x 2 captions: above the 120-video sub-gallery, so the column is reported.
+    ranks = np.random.default_rng(3).integers(1, 151, size=300)
+    ids = tuple(f"v{q // 2}#{q % 2}" for q in range(300))
+    columns = metric_columns(QueryOutcomes(ids, ranks))
+    num, den = columns["t2v.R@1.gallery120"]
+    assert num.sum() / den.sum() == pytest.approx(gallery_recall_at(ranks, 150, 120))
+    small = QueryOutcomes(ids[:200], ranks[:200].clip(max=100))  # 100 videos: no sub-gallery
+    assert "t2v.R@1.gallery120" not in metric_columns(small)

@@ -19,10 +19,12 @@ from vidseek.eval.metrics import (
     MetricInputError,
     average_precision,
     dual_softmax,
+    gallery_recall_at,
     gt_ranks,
     inferred_ap,
     mean_inferred_ap,
     read_sampled_qrels,
+    recall_at,
     recall_metrics,
     retrieval_report,
 )
@@ -146,6 +148,33 @@ def test_bad_inputs_are_one_line_value_errors():
 
 
 # --- retrieval_report -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gallery_recall_equals_the_mean_over_every_sub_gallery(k):
+    # 6 videos x 2 captions, ties injected; enumerate every 4-video sub-gallery that holds each
+    # query's video and rank the query there (pessimistic ties), exactly as a sampler would.
+    import itertools
+
+    rng = np.random.default_rng(5)
+    sim = np.round(rng.normal(size=(12, 6)), 1)
+    query_video = np.repeat(np.arange(6), 2)
+    ranks = gt_ranks(sim, query_video)
+    hits = []
+    for q, own in enumerate(query_video):
+        others = [v for v in range(6) if v != own]
+        for rest in itertools.combinations(others, 3):
+            hits.append(1 + sum(sim[q, v] >= sim[q, own] for v in rest) <= k)
+    assert gallery_recall_at(ranks, 6, 4, k) == pytest.approx(100.0 * np.mean(hits), abs=1e-9)
+    assert gallery_recall_at(ranks, 6, 6, k) == pytest.approx(recall_at(ranks, k))  # the full gallery
+    assert gallery_recall_at(ranks, 6, 1, k) == 100.0  # alone in its gallery, every query hits
+
+
+def test_gallery_recall_rejects_impossible_sizes():
+    with pytest.raises(MetricInputError, match="sub-gallery size"):
+        gallery_recall_at(np.array([1, 2]), 5, 6)
+    with pytest.raises(MetricInputError, match="ranks must lie"):
+        gallery_recall_at(np.array([1, 7]), 5, 3)
 
 
 def test_report_3x3_rsum_and_sumr():

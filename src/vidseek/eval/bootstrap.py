@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from vidseek.errors import ConfigError
+from vidseek.eval.metrics import SUB_GALLERY, gallery_hit_probability
 
 __all__ = [
     "LEVEL",
@@ -149,6 +150,12 @@ def metric_columns(outcomes: QueryOutcomes) -> dict[str, tuple[np.ndarray, np.nd
     ones = np.ones_like(ranks)
     columns = {f"t2v.R@{k}": (100.0 * (ranks <= k), ones) for k in RECALL_KS}
     columns["t2v.MnR"] = (ranks, ones)
+    num_videos = len({q.rsplit("#", 1)[0] for q in outcomes.query_ids})
+    # Expected R@1 in random 120-video galleries, as `evaluate_model` reports (only when the
+    # queried videos are the whole gallery, i.e. no rank exceeds their count).
+    if num_videos > SUB_GALLERY and ranks.max() <= num_videos:
+        hits = gallery_hit_probability(outcomes.t2v_ranks, num_videos, SUB_GALLERY)
+        columns[f"t2v.R@1.gallery{SUB_GALLERY}"] = (100.0 * hits, ones)
     row = {q: i for i, q in enumerate(outcomes.query_ids)}
     for kind in sorted(outcomes.pairs):
         wins, count = np.zeros_like(ranks), np.zeros_like(ranks)

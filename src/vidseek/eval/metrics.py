@@ -34,6 +34,9 @@ __all__ = [
     "MetricInputError",
     "average_precision",
     "dual_softmax",
+    "SUB_GALLERY",
+    "gallery_hit_probability",
+    "gallery_recall_at",
     "gt_ranks",
     "inferred_ap",
     "mean_inferred_ap",
@@ -174,6 +177,42 @@ def recall_at(ranks: np.ndarray, k: int) -> float:
     if ranks.size == 0:
         raise MetricInputError("cannot compute R@K over zero queries; the evaluation set is empty")
     return float(100.0 * np.count_nonzero(ranks <= k) / ranks.size)
+
+
+#: Gallery size of the expected R@1 reported next to the full-gallery R@1: the earlier 600-clip
+#: synthetic benchmark's test split, which issue 11's R@1 target refers to.
+SUB_GALLERY = 120
+
+
+def gallery_hit_probability(ranks: np.ndarray, num_videos: int, gallery: int, k: int = 1) -> np.ndarray:
+    """Per query, the probability of a hit at K had it been ranked in a smaller gallery of `gallery`
+    videos: its own video plus `gallery` − 1 others drawn uniformly without replacement.
+
+    Exact, not sampled: with rank r in the full gallery of `num_videos`, r − 1 other videos score
+    at least as high as the query's own; the number of them drawn into the smaller gallery is
+    hypergeometric, and the query hits R@K when fewer than K are drawn.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.size == 0:
+        raise MetricInputError("cannot compute R@K over zero queries; the evaluation set is empty")
+    if not 1 <= gallery <= num_videos or k < 1:
+        raise MetricInputError(f"sub-gallery size must be in [1, {num_videos}] and K >= 1, got gallery={gallery}, K={k}")
+    if ranks.min() < 1 or ranks.max() > num_videos:
+        raise MetricInputError(f"ranks must lie in [1, {num_videos}], got [{ranks.min()}, {ranks.max()}]")
+    others, drawn = num_videos - 1, gallery - 1
+    total = math.comb(others, drawn)
+    better, inverse = np.unique(ranks - 1, return_inverse=True)
+    per_value = np.array([sum(math.comb(int(b), j) * math.comb(others - int(b), drawn - j)
+                              for j in range(min(k, drawn + 1))) / total for b in better])
+    return per_value[inverse.reshape(-1)]
+
+
+def gallery_recall_at(ranks: np.ndarray, num_videos: int, gallery: int, k: int = 1) -> float:
+    """Expected R@K (%) in random sub-galleries of `gallery` videos (`gallery_hit_probability`).
+    Lets numbers on galleries of different sizes be compared (a 402-video test split against a
+    120-video one); with the same number of captions per video it equals the mean R@K over
+    random sub-galleries."""
+    return float(100.0 * gallery_hit_probability(ranks, num_videos, gallery, k).mean())
 
 
 def recall_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

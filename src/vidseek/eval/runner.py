@@ -101,7 +101,7 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
     `outcomes_out` receives the per-query `QueryOutcomes` under "outcomes" (for bootstrap CIs
     and `vidseek compare`) and where the hard-negative pairs came from under "hardneg_source"
     ("metadata" or "mined")."""
-    from vidseek.eval.metrics import dual_softmax, retrieval_report
+    from vidseek.eval.metrics import SUB_GALLERY, dual_softmax, gallery_recall_at, gt_ranks, retrieval_report
 
     model.eval()
     usable = list(source.usable)
@@ -116,12 +116,11 @@ def evaluate_model(model: RetrievalModel, dataset, source, context_length: int, 
     sim = similarity_matrix(model, text, video)
     query_video = [v for _, v in queries]
     report = retrieval_report(sim, query_video)
-    if ranks_out is not None or outcomes_out is not None:
-        from vidseek.eval.metrics import gt_ranks
-
-        t2v_ranks = gt_ranks(sim, query_video)
-        if ranks_out is not None:
-            ranks_out["t2v"] = t2v_ranks
+    t2v_ranks = gt_ranks(sim, query_video)
+    if ranks_out is not None:
+        ranks_out["t2v"] = t2v_ranks
+    if sim.shape[1] > SUB_GALLERY:
+        report[f"t2v.R@1.gallery{SUB_GALLERY}"] = gallery_recall_at(t2v_ranks, sim.shape[1], SUB_GALLERY)
     report["num_videos_failed"] = float(len(dataset.records) - len(usable))
     meta = [dataset.records[i].meta for i in usable]
     hardneg_source = "metadata"
