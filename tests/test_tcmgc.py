@@ -336,10 +336,11 @@ def test_block_plan_respects_budget():
     model = make_model()
     per_pair = model._pair_elements(T, True)
     assert model.plan_blocks(50, 40, T, 1, True) == (1, 1)
-    # at least MIN_BLOCK_TEXTS (8) texts per block, then as many videos as fit, then more texts
+    # at least MIN_BLOCK_TEXTS (16) texts per block, then as many videos as fit, then more texts
+    assert model.MIN_BLOCK_TEXTS == 16
     texts, videos = model.plan_blocks(50, 40, T, per_pair * 100, True)
-    assert (texts, videos) == (8, 12) and texts * videos * per_pair <= per_pair * 100
-    assert model.plan_blocks(50, 40, T, per_pair * 30, True) == (10, 3)
+    assert (texts, videos) == (16, 6) and texts * videos * per_pair <= per_pair * 100
+    assert model.plan_blocks(50, 40, T, per_pair * 30, True) == (30, 1)
     assert model.plan_blocks(50, 40, T, per_pair * 5, True) == (5, 1)  # fewer pairs than 8: one video
     assert model.plan_blocks(3, 40, T, per_pair * 100, True) == (3, 33)  # only 3 texts: wide video side
     assert model.plan_blocks(50, 40, T, per_pair * 10 ** 6, True) == (50, 40)

@@ -388,18 +388,20 @@ class BeamDecoderBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return x + self.drop(self.self_out(a.transpose(1, 2).reshape(b, m, s, w)))
 
-    def step(self, x: Tensor, past: tuple[Tensor, Tensor] | None, kv: tuple[Tensor, Tensor],
+    def step(self, x: Tensor, past: list[tuple[Tensor, Tensor]], kv: tuple[Tensor, Tensor],
              mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One new position x [B, M, 1, W] attending to the cached keys/values of the earlier
-        positions (past: two [B, M, H, i, W/H]) → output and the extended cache."""
+        positions (past: per position, two [B, M, H, W/H]) → output and this position's keys and
+        values (two [B, M, H, W/H])."""
         b, m, _, w = x.shape
-        q, k, v = self._self_qkv(x)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
-        h, s, d = self.heads, k.shape[3], w // self.heads
-        a = F.scaled_dot_product_attention(q.reshape(b * m, h, 1, d), k.reshape(b * m, h, s, d),
-                                           v.reshape(b * m, h, s, d))
-        x = x + self.drop(self.self_out(a.transpose(1, 2).reshape(b, m, 1, w)))
+        q, k, v = (t[:, :, :, 0] for t in self._self_qkv(x))  # [B, M, H, d]
+        keys = torch.stack([p[0] for p in past] + [k], dim=3)  # [B, M, H, i+1, d]
+        values = torch.stack([p[1] for p in past] + [v], dim=3)
+        # One query against ≤ L keys per beam: elementwise products and a short softmax cost less
+        # than a fused attention call over B·M·H tiny problems.
+        weights = ((keys * q.unsqueeze(3)).sum(-1) * (w // self.heads) ** -0.5).softmax(-1)  # [B, M, H, i+1]
+        a = (weights.unsqueeze(-1) * values).sum(3)
+        x = x + self.drop(self.self_out(a.reshape(b, m, 1, w)))
         return self.cross_and_mlp(x, kv, mask), (k, v)
 
 
@@ -568,12 +570,10 @@ class IncrementalDecoder:
         anc = ancestors.to(device)
         for n in range(self.first_cached, len(r.blocks)):
             slot = n - self.first_cached
-            past = None
-            if i > 0:  # [r, c, H, i, d]: the cached position-j states of each beam's ancestors
-                past = tuple(torch.stack([self.levels[j][slot][t][rows_d[:, None], anc[:, :, j]] for j in range(i)],
-                                         dim=3) for t in (0, 1))
+            # the cached position-j keys/values [r, c, H, d] of each beam's ancestor at level j
+            past = [tuple(t[rows_d[:, None], anc[:, :, j]] for t in self.levels[j][slot]) for j in range(i)]
             x, (keys, values) = r.blocks[n].step(x, past, memory_kv(n), mask)
-            self._store(i, slot, rows_d, first, keys[:, :, :, -1], values[:, :, :, -1])
+            self._store(i, slot, rows_d, first, keys, values)
         return r.level_logits(r.final_norm(x[:, :, 0]), i)
 
 

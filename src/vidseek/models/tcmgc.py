@@ -439,14 +439,15 @@ class TCMGC(RetrievalModel):
         return queries * (6 * self.width + 2 * n) + tail
 
     #: texts per block the planner keeps before widening the video side (see `plan_blocks`)
-    MIN_BLOCK_TEXTS: ClassVar[int] = 8
+    MIN_BLOCK_TEXTS: ClassVar[int] = 16
 
     def plan_blocks(self, n_text: int, n_video: int, frames: int, max_block_elements: int, fast: bool
                     ) -> tuple[int, int]:
         """(texts, videos) per block so that block pairs × per-pair elements ≤ the budget
         (a single pair is always allowed). Prefers wide video blocks (one GEMM covers them) with
         at least `MIN_BLOCK_TEXTS` texts where the budget allows: the GEMMs' narrow side is
-        texts × (W+1) columns, and MKL runs ~2× slower at 2 texts (66 columns) than at 8 (264)."""
+        texts × (W+1) columns; MKL ran ~2× slower at 2 texts (66 columns) than at 8 (264), and 16
+        texts beat 8 by a further ~15% (benchmarks/rerank.py shapes, one thread)."""
         pairs = max(1, max_block_elements // self._pair_elements(frames, fast))
         videos = max(1, min(n_video, pairs // min(n_text, self.MIN_BLOCK_TEXTS, pairs)))
         texts = max(1, min(n_text, pairs // videos))
