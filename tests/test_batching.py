@@ -162,8 +162,13 @@ def test_serve_workers_each_load_the_index_and_answer_identically(index):
                 response.raise_for_status()
                 return query, response.headers["X-Vidseek-Worker"], response.json()["results"]
 
+        # Until both workers have answered, bounded in rounds and time: on a busy machine the
+        # second worker can still be loading its index while the first answers many rounds.
+        deadline = time.monotonic() + 180
         with ThreadPoolExecutor(8) as pool:
-            for _ in range(10):  # until both workers have answered (bounded)
+            for _ in range(500):
+                if time.monotonic() > deadline:
+                    break
                 for query, worker, results in pool.map(ask, QUERIES):
                     seen.add(worker)
                     single = [{k: v for k, v in hit.items() if k != "path"} for hit in expected[query]]
@@ -171,3 +176,13 @@ def test_serve_workers_each_load_the_index_and_answer_identically(index):
                 if len(seen) == 2:
                     break
     assert len(seen) == 2  # two processes answered, each from the index it opened itself
+
+
+def test_serve_workers_split_the_cores_unless_the_user_chose_threads():
+    from vidseek.serve.workers import threads_per_worker
+
+    assert threads_per_worker(2, 16, {}) == 8
+    assert threads_per_worker(3, 16, {}) == 5
+    assert threads_per_worker(4, 2, {}) == 1  # never zero threads
+    assert threads_per_worker(2, None, {}) == 1
+    assert threads_per_worker(2, 16, {"OMP_NUM_THREADS": "3"}) is None

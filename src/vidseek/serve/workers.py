@@ -50,7 +50,8 @@ def run_server(index: str | Path, host: str, port: int, *, workers: int = 1, dev
     read_index_json(index)  # a missing or broken index is one clear error here, not N worker crashes
     sock = bind(host, port)
     settings = {"index": str(Path(index).absolute()), "device": device, "milvus_uri": milvus_uri,
-                "batching": None if batching is None else asdict(batching)}
+                "batching": None if batching is None else asdict(batching),
+                "threads": threads_per_worker(workers, os.cpu_count(), os.environ)}
     os.environ[SERVE_SETTINGS_ENV] = json.dumps(settings)  # the workers inherit the environment
     config = server_config(f"{__name__}:app_from_env", factory=True, workers=workers)
     announce(shown_url(host, sock))
@@ -61,6 +62,16 @@ def run_server(index: str | Path, host: str, port: int, *, workers: int = 1, dev
     supervisor.run()
 
 
+def threads_per_worker(workers: int, cpu_count: int | None, environ: Any) -> int | None:
+    """Torch threads for each of `workers` processes: the cores split between them, so N workers
+    do not each spin up a thread per core (on a busy machine an OpenMP thread waiting for a core
+    that another worker holds made a query ~10x slower). None when the user chose
+    (OMP_NUM_THREADS set): their choice stands."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (cpu_count or 1) // workers)
+
+
 def app_from_env() -> Any:
     """uvicorn's app factory in each worker process: the app over the index in `SERVE_SETTINGS_ENV`."""
     from vidseek.serve.app import create_app
@@ -69,6 +80,10 @@ def app_from_env() -> Any:
     if not text:
         raise ConfigError(f"{SERVE_SETTINGS_ENV} is not set: start workers with `vidseek serve INDEX --workers N`")
     settings = json.loads(text)
+    if settings.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(settings["threads"]))
     batching = None if settings["batching"] is None else BatchSettings(**settings["batching"])
     app = create_app(settings["index"], device=settings["device"], batching=batching, milvus_uri=settings["milvus_uri"])
     worker = str(os.getpid())
