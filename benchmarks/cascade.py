@@ -47,6 +47,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ import numpy as np
 import torch
 
 KS = (1, 5, 10)
-PQ_BYTES = (24, 32)
+PQ_VARIANTS = ("pq24", "opq24", "pq32", "opq32")
 DENSE_TOP = 10
 PQ_TRAIN_SAMPLE = 32_768  # ≥ 39 × 256 (PQ codebooks) and 32 × nlist at 100k: enough, and cheap
 OPQ_ITERATIONS = 20      # FAISS's default is 50; the rotation has settled well before
@@ -135,7 +136,9 @@ def pq_factory(dim: int, code_bytes: int, opq: bool, nlist: int) -> str:
     parts = [f"OPQ{code_bytes}"] if opq else []
     if nlist:
         parts.append(f"IVF{nlist}")
-    parts.append(f"PQ{code_bytes}")
+    # "np": no polysemous training, which the factory otherwise runs for a bare PQ (minutes of
+    # simulated annealing that only speeds up Hamming-filtered search, unused here)
+    parts.append(f"PQ{code_bytes}" if nlist else f"PQ{code_bytes}np")
     return ",".join(parts)
 
 
@@ -266,6 +269,7 @@ def quality_part(args: argparse.Namespace) -> dict[str, Any]:
         if reranked:
             metrics["retention"] = retention(metrics["R@1"], full_r1)
         out["rows"][name] = metrics
+        progress(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
 
     dense_sim = query_vectors @ vectors.T
     out["rows"]["dense"] = recall_row(gt_ranks(dense_sim, truth)) | {"candidates": float(DENSE_TOP)}
@@ -273,12 +277,12 @@ def quality_part(args: argparse.Namespace) -> dict[str, Any]:
     for top in args.rerank_n:
         add(f"dense{top}", [list(r[:top]) for r in dense_ids])
     add("grdr", candidates)
-    for code_bytes in PQ_BYTES:
-        for opq in (False, True):
-            index = build_pq(vectors, vectors.shape[1], code_bytes, opq, 0, vectors)
-            add(pq_name(code_bytes, opq), top_same_size(pq_search(index, query_vectors, max(sizes)), sizes))
-    # PQ as hard as 24 bytes are on 512-d vectors: the same dims per code byte on this gallery's width
-    squeezed = max(1, round(PQ_BYTES[0] * vectors.shape[1] / 512))
+    for name in args.pq:
+        code_bytes, opq = parse_pq(name)
+        index = build_pq(vectors, vectors.shape[1], code_bytes, opq, 0, vectors)
+        add(name, top_same_size(pq_search(index, query_vectors, max(sizes)), sizes))
+    # PQ as hard as GRDR's bytes are on 512-d vectors: the same dims per code byte on this gallery's width
+    squeezed = max(1, round(trie.bytes_per_video * vectors.shape[1] / 512))
     index = build_pq(vectors, vectors.shape[1], squeezed, True, 0, vectors)
     add(f"opq{squeezed}", top_same_size(pq_search(index, query_vectors, max(sizes)), sizes))
     out["squeezed_bytes"] = squeezed
@@ -296,7 +300,7 @@ def cached_quality(args: argparse.Namespace) -> dict[str, Any]:
     files = [Path(args.grdr) / "best.pt" if Path(args.grdr).is_dir() else Path(args.grdr), Path(tcmgc_checkpoint(args.tcmgc))]
     key = json.dumps({"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
                       "data": str(Path(args.data).resolve()), "split": args.split, "beams": args.beams, "max_queries": args.max_queries,
-                      "rerank_n": args.rerank_n, "pq": PQ_BYTES}, sort_keys=True)
+                      "rerank_n": args.rerank_n, "pq": args.pq}, sort_keys=True)
     path = Path(args.cache) / f"quality-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         print(f"[quality] reusing {path}", flush=True)
@@ -314,6 +318,14 @@ def progress(what: str) -> None:
 
 def pq_name(code_bytes: int, opq: bool) -> str:
     return f"{'opq' if opq else 'pq'}{code_bytes}"
+
+
+def parse_pq(name: str) -> tuple[int, bool]:
+    """'opq24' → (24, True); 'pq32' → (32, False)."""
+    match = re.fullmatch(r"(o?)pq(\d+)", name)
+    if not match:
+        raise SystemExit(f"--pq {name!r}: use pq<bytes> or opq<bytes>, e.g. pq24 opq32")
+    return int(match.group(2)), bool(match.group(1))
 
 
 def tcmgc_checkpoint(path: str) -> str:
@@ -491,18 +503,17 @@ def speed_part(n: int, models: SpeedModels, args: argparse.Namespace) -> dict[st
     del grdr
 
     nlist = ivf_list_count(n)
-    for code_bytes in PQ_BYTES:
-        for opq in (False, True):
-            index = cached_pq(n, dim, code_bytes, opq, nlist, args)
-            set_nprobe(index, max(1, nlist // args.pq_nprobe_divisor))
-            ms, ids = search_ms(lambda q, index=index: pq_search(index, q, max(sizes)))
-            cands = top_same_size(ids, sizes)
-            rows[pq_name(code_bytes, opq)] = Timing({"text": dense_text_ms + rerank_text_ms, "recall": ms,
-                                                     "rerank": rerank_ms(models, rerank_text, cands)},
-                                                    float(np.mean([len(c) for c in cands])))
-            if code_bytes == grdr_bytes and pq_code_bytes(index) != grdr_bytes:
-                raise SystemExit(f"PQ index holds {pq_code_bytes(index)} bytes per video, GRDR {grdr_bytes}")
-            del index
+    for name in args.pq:
+        code_bytes, opq = parse_pq(name)
+        index = cached_pq(n, dim, code_bytes, opq, nlist, args)
+        set_nprobe(index, max(1, nlist // args.pq_nprobe_divisor))
+        ms, ids = search_ms(lambda q, index=index: pq_search(index, q, max(sizes)))
+        cands = top_same_size(ids, sizes)
+        rows[name] = Timing({"text": dense_text_ms + rerank_text_ms, "recall": ms,
+                             "rerank": rerank_ms(models, rerank_text, cands)}, float(np.mean([len(c) for c in cands])))
+        if code_bytes == grdr_bytes and pq_code_bytes(index) != grdr_bytes:
+            raise SystemExit(f"PQ index holds {pq_code_bytes(index)} bytes per video, GRDR {grdr_bytes}")
+        del index
 
     # (e) full corpus: every video scored; timed on the pool for a few queries, scaled to n
     subset = min(args.full_queries, len(texts))
@@ -536,13 +547,14 @@ class Row:
 
 
 def row_names(args: argparse.Namespace, grdr_bytes: int) -> list[Row]:
+    """The table's rows, in order (keys match `speed_part` and `quality_part`)."""
     rows = [Row("dense", f"(a) dense ANN top-{DENSE_TOP}", False)]
     rows += [Row(f"dense{top}", f"(b) dense ANN top-{top} → TC-MGC", True) for top in args.rerank_n]
     rows.append(Row("grdr", f"(c) GRDR ({args.beams} beams, {grdr_bytes} B/video) → TC-MGC", True))
-    for code_bytes in PQ_BYTES:
-        for opq in (False, True):
-            label = f"{'OPQ+' if opq else ''}IVF-PQ{code_bytes} ({code_bytes} B/video)"
-            rows.append(Row(pq_name(code_bytes, opq), f"(d) {label} top-|C| → TC-MGC", True))
+    for name in args.pq:
+        code_bytes, opq = parse_pq(name)
+        label = f"{'OPQ+' if opq else ''}IVF-PQ{code_bytes} ({code_bytes} B/video)"
+        rows.append(Row(name, f"(d) {label} top-|C| → TC-MGC", True))
     rows.append(Row("full", "(e) full-corpus TC-MGC (extrapolated)", True, full=True))
     return rows
 
@@ -609,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="test", help="split whose captions are the queries")
     parser.add_argument("--max-queries", type=int, default=0, help="quality part: at most this many test captions "
                         "(evenly spaced; 0 = all) — full-corpus TC-MGC scores queries × gallery pairs")
+    parser.add_argument("--pq", nargs="+", default=list(PQ_VARIANTS), help="IVF-PQ rows: pq<bytes> / opq<bytes>")
     parser.add_argument("--beams", type=int, default=100)
     parser.add_argument("--rerank-n", type=int, nargs="+", default=[20, 50, 100], help="dense top-N rows")
     parser.add_argument("--queries", type=int, default=64, help="speed part: queries per size")
@@ -640,9 +653,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for n in args.sizes:
             cached_dense(n, 512, args)
-            for code_bytes in PQ_BYTES:
-                for opq in (False, True):
-                    cached_pq(n, 512, code_bytes, opq, ivf_list_count(n), args)
+            for name in args.pq:
+                cached_pq(n, 512, *parse_pq(name), ivf_list_count(n), args)
             print(f"[build] indexes for {n:,} videos cached under {args.cache}", flush=True)
         return
 

@@ -53,19 +53,19 @@ def test_retention_by_hand(bench):
 
 @pytest.mark.parametrize("opq", [False, True])
 @pytest.mark.parametrize("nlist", [0, 4])
-def test_pq_index_holds_as_many_bytes_per_video_as_grdr(bench, opq, nlist):
+def test_pq_index_holds_as_many_bytes_per_video_as_grdr(bench, opq, nlist, monkeypatch):
+    monkeypatch.setattr(bench, "OPQ_ITERATIONS", 2)  # the rotation's quality is not under test: keep it fast
     grdr_bytes = bench.semantic_id_bytes(GRDRConfig(embed_dim=64, num_views=4, levels=3, codebook_size=24))
     assert grdr_bytes == 24  # 4 views × 3 levels × uint16
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((1200, 64)).astype(np.float32)
+    vectors = rng.standard_normal((600, 64)).astype(np.float32)
     index = bench.build_pq(vectors, 64, grdr_bytes, opq, nlist, vectors)
     assert bench.pq_code_bytes(index) == grdr_bytes
-    assert index.ntotal == 1200 and index.d == 72  # zero-padded: 24 sub-quantisers of 3 dims
+    assert index.ntotal == 600 and index.d == 72  # zero-padded: 24 sub-quantisers of 3 dims
     bench.set_nprobe(index, nlist)  # all lists: the search is exhaustive over the codes
     ids = bench.pq_search(index, vectors[:5], 10)
     assert ids.shape == (5, 10) and (ids >= 0).all()
-    assert 1200 * bench.pq_code_bytes(index) == 24 * 1200
-
+    
 
 def test_padding_keeps_inner_products(bench):
     rng = np.random.default_rng(1)
@@ -75,7 +75,7 @@ def test_padding_keeps_inner_products(bench):
     assert px.shape == (3, 72) and not px[:, 64:].any()
     np.testing.assert_allclose(px @ py.T, x @ y.T, rtol=1e-6)
     assert bench.pq_factory(512, 24, True, 1024) == "OPQ24,IVF1024,PQ24"
-    assert bench.pq_factory(64, 32, False, 0) == "PQ32"
+    assert bench.pq_factory(64, 32, False, 0) == "PQ32np"
 
 
 def test_same_size_candidates_drop_padding(bench):
