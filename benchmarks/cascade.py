@@ -136,9 +136,9 @@ def pq_factory(dim: int, code_bytes: int, opq: bool, nlist: int) -> str:
     parts = [f"OPQ{code_bytes}"] if opq else []
     if nlist:
         parts.append(f"IVF{nlist}")
-    # "np": no polysemous training, which the factory otherwise runs for a bare PQ (minutes of
-    # simulated annealing that only speeds up Hamming-filtered search, unused here)
-    parts.append(f"PQ{code_bytes}" if nlist else f"PQ{code_bytes}np")
+    # "np": no polysemous training, which the factory otherwise runs for a bare PQ and for IVF-PQ
+    # alike (minutes of simulated annealing that only speeds up Hamming-filtered search, unused here)
+    parts.append(f"PQ{code_bytes}np")
     return ",".join(parts)
 
 

@@ -74,7 +74,7 @@ def test_padding_keeps_inner_products(bench):
     px, py = bench.pad(x, 72), bench.pad(y, 72)
     assert px.shape == (3, 72) and not px[:, 64:].any()
     np.testing.assert_allclose(px @ py.T, x @ y.T, rtol=1e-6)
-    assert bench.pq_factory(512, 24, True, 1024) == "OPQ24,IVF1024,PQ24"
+    assert bench.pq_factory(512, 24, True, 1024) == "OPQ24,IVF1024,PQ24np"
     assert bench.pq_factory(64, 32, False, 0) == "PQ32np"
 
 
