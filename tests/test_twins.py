@@ -139,3 +139,16 @@ def test_partner_loss_is_added_with_its_weight_and_resume_stays_exact(tiny_synth
     b = torch.load(tmp_path / "resumed" / "last.pt", map_location="cpu", weights_only=False)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_partner_loss_on_a_loss_without_logits_is_a_config_error():
+    from vidseek.models.base import LossOutput
+    from vidseek.train.loop import batch_loss
+
+    class GenerationOnly:  # like PIG stage 1: no contrastive matrix
+        def loss(self, text, video):
+            return LossOutput(torch.tensor(1.0))
+
+    assert float(batch_loss(GenerationOnly(), None, None).loss) == 1.0  # weight 0: untouched
+    with pytest.raises(ConfigError, match="GenerationOnly training here has no contrastive logits"):
+        batch_loss(GenerationOnly(), None, None, partner_pairs=1, partner_weight=1.0)

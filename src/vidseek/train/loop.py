@@ -43,7 +43,7 @@ def batch_loss(model: RetrievalModel, text: Any, video: Any, partner_pairs: int 
     out = model.loss(text, video)
     if partner_weight:
         if out.logits is None:
-            raise ConfigError(f"{model.name} training here has no contrastive logits (e.g. PIG stage 1): "
+            raise ConfigError(f"{type(model).__name__} training here has no contrastive logits (e.g. PIG stage 1): "
                               f"set partner_loss_weight (--partner-loss-weight) to 0")
         partner = partner_infonce(out.logits, partner_pairs)
         out.loss = out.loss + partner_weight * partner
