@@ -94,6 +94,11 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed"),
     hard_negatives: Optional[str] = typer.Option(None, "--hard-negatives", help="Partners kept in one batch: none, "
                                                  "groups (dataset metadata) or mined (from the captions)."),
+    twin_share: Optional[float] = typer.Option(None, "--twin-share", help="Fraction of each batch filled with partner "
+                                               "pairs (0: partners only kept adjacent)."),
+    twin_kind: Optional[str] = typer.Option(None, "--twin-kind", help="Partner kind of those pairs: any, order, attribute."),
+    partner_loss_weight: Optional[float] = typer.Option(None, "--partner-loss-weight",
+                                                        help="Weight of the 2-way partner cross-entropy (0: off)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Train a preset; the best checkpoint is chosen on the validation split."""
@@ -104,7 +109,8 @@ def train(
         raise VidseekError(f"data folder {data} does not exist: pass --data pointing at a dataset (or run `vidseek synth --out {data}`)")
     p = get_preset(preset).with_overrides(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                                           micro_batch_size=micro_batch_size, lr=lr, seed=seed,
-                                          hard_negatives=hard_negatives)
+                                          hard_negatives=hard_negatives, twin_share=twin_share, twin_kind=twin_kind,
+                                          partner_loss_weight=partner_loss_weight)
     result = run_train(p, data, out, weights=str(weights) if weights else None,
                        features=str(features) if features else None, resume=resume,
                        init_from=str(init) if init else None, device=device)

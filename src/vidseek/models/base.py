@@ -45,6 +45,7 @@ class FrameFeatures:
 class LossOutput:
     loss: Tensor  # scalar to back-propagate
     terms: dict[str, float] = field(default_factory=dict)  # named parts, for logging
+    logits: Tensor | None = None  # the scaled [B, B] text×video matrix of the contrastive loss, if any
 
 
 # --- pytrees of tensors -------------------------------------------------------------------------

@@ -488,10 +488,11 @@ class PIG(RetrievalModel):
 
     def loss(self, text: TextFeatures, video: PIGVideo) -> LossOutput:
         terms: dict[str, float] = {}
-        total = None
+        total, logits = None, None
         if self.config.stage == 2:
             scale = self.logit_scale()
-            infonce = symmetric_infonce(scale * self.score(text, video))  # mean of the two directions
+            logits = scale * self.score(text, video)
+            infonce = symmetric_infonce(logits)  # mean of the two directions
             if self.config.infonce_reduction == "sum":
                 infonce = 2 * infonce
             total = infonce
@@ -501,7 +502,7 @@ class PIG(RetrievalModel):
             weight = 1.0 if self.config.stage == 1 else self.config.generation_weight
             total = weight * generation if total is None else total + weight * generation
             terms["generation"] = float(generation.detach())
-        return LossOutput(total, terms)
+        return LossOutput(total, terms, logits)
 
     def index_video(self, video: PIGVideo) -> Tensor:
         return video.embedding

@@ -17,6 +17,10 @@ from typing import Any, Callable
 from vidseek.errors import ConfigError
 
 
+#: Partner kinds `twin_share` draws pairs from ("any" includes the kind "group" of groups partners).
+TWIN_KINDS: tuple[str, ...] = ("any", "order", "attribute")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings. Learning rates: `lr` for new modules, `lr * clip_lr_coef` for CLIP."""
@@ -33,6 +37,13 @@ class TrainConfig:
     # Hard-negative partners kept in one batch: "none"; "groups" (the dataset's meta["group"], e.g.
     # the synthetic benchmark's order/attribute twins); "mined" (found from the captions, any dataset).
     hard_negatives: str = "none"
+    # Twin-heavy batches (docs/synthetic-recipe.md, runs D/G): this fraction of every batch is
+    # filled with disjoint partner pairs of kind `twin_kind` (order / attribute / any), the rest
+    # drawn at random; 0 keeps the partner-adjacent epoch order above.
+    twin_share: float = 0.0
+    twin_kind: str = "any"
+    # Weight of the 2-way partner cross-entropy on those in-batch pairs (`partner_infonce`); 0 = off.
+    partner_loss_weight: float = 0.0
     eval_every: int | None = None  # optimiser steps between validation runs (None: once per epoch)
     mode: str = "frames"  # "frames": end-to-end from decoded frames; "features": frozen image tower
     sampling: str = "uniform"  # frame sampling for training clips
@@ -44,6 +55,24 @@ class TrainConfig:
             self.hard_negatives = "groups" if self.hard_negatives else "none"
         if self.hard_negatives not in ("none", "groups", "mined"):
             raise ConfigError(f"hard_negatives (--hard-negatives) must be none, groups or mined, got {self.hard_negatives!r}")
+        if not 0 <= self.twin_share < 1:
+            raise ConfigError(f"twin_share (--twin-share) must be in [0, 1), got {self.twin_share!r}")
+        if self.twin_kind not in TWIN_KINDS:
+            raise ConfigError(f"twin_kind (--twin-kind) must be one of {', '.join(TWIN_KINDS)}, got {self.twin_kind!r}")
+        if self.twin_share and self.hard_negatives == "none":
+            raise ConfigError("twin_share (--twin-share) needs partners: set --hard-negatives groups or mined")
+        if self.twin_share and not 0 < 2 * self.twin_pairs < self.batch_size:
+            raise ConfigError(f"twin_share {self.twin_share} gives {self.twin_pairs} partner pairs in a batch of "
+                              f"{self.batch_size}: choose a share that leaves at least one pair and one random slot")
+        if self.partner_loss_weight < 0:
+            raise ConfigError(f"partner_loss_weight (--partner-loss-weight) must be >= 0, got {self.partner_loss_weight!r}")
+        if self.partner_loss_weight and not self.twin_share:
+            raise ConfigError("partner_loss_weight (--partner-loss-weight) needs partner pairs in the batch: set --twin-share > 0")
+
+    @property
+    def twin_pairs(self) -> int:
+        """Partner pairs per batch (`twin_share` of the batch, two clips a pair)."""
+        return int(round(self.twin_share * self.batch_size / 2))
 
 
 @dataclass
@@ -99,7 +128,7 @@ FIXED_TRAIN_FIELDS: dict[str, dict[str, Any]] = {
     "tcmgc": {"sampling": "uniform"},
     "pig": {"sampling": "uniform"},
     "grdr": {"sampling": "uniform", "warmup_fraction": 0.0, "micro_batch_size": None, "hard_negatives": "none",
-             "eval_every": None},
+             "eval_every": None, "twin_share": 0.0, "twin_kind": "any", "partner_loss_weight": 0.0},
 }
 
 

@@ -585,7 +585,7 @@ class TCMGC(RetrievalModel):
             loss = loss + self.config.sdr_weight * sdr
             terms["sdr"] = float(sdr.detach())
         terms["loss"] = float(loss.detach())
-        return LossOutput(loss, terms)
+        return LossOutput(loss, terms, final)
 
 
 # --- presets (called by vidseek.models.registry) ------------------------------------------------

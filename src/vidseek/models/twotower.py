@@ -73,8 +73,9 @@ class TwoTower(RetrievalModel):
 
     def loss(self, text: TextFeatures, video: Tensor) -> LossOutput:
         scale = self.logit_scale()
-        loss = symmetric_infonce(scale * self.score(text, video))
-        return LossOutput(loss, {"infonce": float(loss.detach()), "logit_scale": float(scale.detach())})
+        logits = scale * self.score(text, video)
+        loss = symmetric_infonce(logits)
+        return LossOutput(loss, {"infonce": float(loss.detach()), "logit_scale": float(scale.detach())}, logits)
 
     def index_video(self, video: Tensor) -> Tensor:
         return video

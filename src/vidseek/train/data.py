@@ -25,7 +25,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from vidseek.errors import VidseekError
+from vidseek.errors import DatasetError, VidseekError
 from vidseek.models.base import FrameFeatures, RetrievalModel
 from vidseek.utils import atomic_write_json
 
@@ -174,15 +174,37 @@ class EpochBatches:
     a seeded random order and each drawn clip is followed by its partners not yet placed this
     epoch, so a clip and its hard negatives land in one batch (unless cut at a batch boundary).
     Every usable clip still appears exactly once per epoch.
+
+    With `twin_pairs` > 0 (twin-heavy batches, docs/synthetic-recipe.md run D), every batch
+    instead opens with that many disjoint partner pairs of kind `twin_kind` at positions
+    (0, 1), (2, 3), … — where `partner_infonce` expects them — and the remaining slots take the
+    other clips in a seeded random order, each once per epoch. Pairs are shuffled each epoch and
+    cycle when they run out, so a twin clip can recur across batches but never within one.
     """
 
     usable: Sequence[int]
     batch_size: int
     seed: int
     partners: Sequence[Sequence[Any]] | None = None
+    twin_pairs: int = 0
+    twin_kind: str = "any"
+
+    def twin_pair_list(self) -> list[tuple[int, int]]:
+        """Disjoint (clip, partner) pairs of `twin_kind`, greedy in clip order (deterministic)."""
+        usable, placed, pairs = set(int(i) for i in self.usable), set(), []
+        for clip in sorted(usable):
+            for partner in self.partners[clip] if self.partners is not None else ():
+                other = _partner_index(partner)
+                kind_ok = self.twin_kind == "any" or getattr(partner, "kind", None) == self.twin_kind
+                if kind_ok and other in usable and clip not in placed and other not in placed:
+                    pairs.append((clip, other))
+                    placed.update((clip, other))
+        return pairs
 
     def for_epoch(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
+        if self.twin_pairs:
+            return self._twin_batches(rng)
         drawn = [int(i) for i in rng.permutation(np.asarray(self.usable))]
         if self.partners is None:
             order = drawn
@@ -196,6 +218,25 @@ class EpochBatches:
                 order.extend(cluster)
         n = len(order) // self.batch_size
         return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(n)]
+
+    def _twin_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        pairs = self.twin_pair_list()
+        if len(pairs) < self.twin_pairs:
+            raise DatasetError(f"twin_share asks for {self.twin_pairs} partner pairs per batch but the training clips "
+                               f"have only {len(pairs)} disjoint pairs of kind {self.twin_kind!r}: lower --twin-share, "
+                               f"or use --twin-kind any / --hard-negatives mined")
+        in_pairs = {clip for pair in pairs for clip in pair}
+        others = [int(i) for i in rng.permutation(sorted(set(int(i) for i in self.usable) - in_pairs))]
+        pairs = [pairs[k] for k in rng.permutation(len(pairs))]
+        random_slots = self.batch_size - 2 * self.twin_pairs
+        batches, next_pair = [], 0
+        for b in range(len(others) // random_slots):
+            batch = []
+            for _ in range(self.twin_pairs):
+                batch.extend(pairs[next_pair % len(pairs)])
+                next_pair += 1
+            batches.append(batch + others[b * random_slots:(b + 1) * random_slots])
+        return batches
 
     def caption_choice(self, epoch: int, index: int, num_captions: int) -> int:
         """Which caption of video `index` is used in `epoch` (independent of the global RNG)."""

@@ -18,6 +18,7 @@ import torch
 
 from vidseek.errors import ConfigError, DatasetError
 from vidseek.models.base import FrameFeatures, LossOutput, RetrievalModel, tree_cat, tree_leaves, tree_map, tree_slice
+from vidseek.models.losses import partner_infonce
 from vidseek.models.registry import Preset, check_preset_fields, create_model
 from vidseek.train.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from vidseek.train.data import EpochBatches, RawFrames
@@ -35,18 +36,34 @@ def represent(model: RetrievalModel, tokens: torch.Tensor, video_in: RawFrames |
     return model.encode_text(tokens), model.encode_video_features(feats)
 
 
+def batch_loss(model: RetrievalModel, text: Any, video: Any, partner_pairs: int = 0,
+               partner_weight: float = 0.0) -> LossOutput:
+    """The model's loss on the (gathered) batch, plus `partner_weight` × `partner_infonce` over
+    the batch's first `partner_pairs` partner pairs (twin-heavy batches)."""
+    out = model.loss(text, video)
+    if partner_weight:
+        if out.logits is None:
+            raise ConfigError(f"{type(model).__name__} training here has no contrastive logits (e.g. PIG stage 1): "
+                              f"set partner_loss_weight (--partner-loss-weight) to 0")
+        partner = partner_infonce(out.logits, partner_pairs)
+        out.loss = out.loss + partner_weight * partner
+        out.terms["partner"] = float(partner.detach())
+    return out
+
+
 def train_step(model: RetrievalModel, tokens: torch.Tensor, frames: RawFrames | FrameFeatures, micro_batch: int | None,
-               dist: DistInfo) -> LossOutput:
+               dist: DistInfo, partner_pairs: int = 0, partner_weight: float = 0.0) -> LossOutput:
     """Forward + backward for one (local) batch; gradients are left in `.grad`.
 
     With `micro_batch` smaller than the batch, gradient caching (Gao et al., 2021) keeps every
     negative: representations of all micro-batches are computed without a graph, the loss on
     the full batch gives their gradients, then each micro-batch is re-run with a graph (same
     RNG state, so dropout masks match) and back-propagated from those cached gradients.
+    The first `partner_pairs` pairs of the batch get the partner loss (`batch_loss`).
     """
     n = tokens.shape[0]
     if micro_batch is None or micro_batch >= n:
-        out = model.loss(*all_gather_tree(represent(model, tokens, frames), dist))
+        out = batch_loss(model, *all_gather_tree(represent(model, tokens, frames), dist), partner_pairs, partner_weight)
         out.loss.backward()
         return out
 
@@ -57,7 +74,7 @@ def train_step(model: RetrievalModel, tokens: torch.Tensor, frames: RawFrames | 
             rng_states.append(torch.get_rng_state())
             parts.append(represent(model, tokens[a:b], tree_slice(frames, a, b)))
     cached = tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point()), tree_cat(parts))
-    out = model.loss(*all_gather_tree(cached, dist))
+    out = batch_loss(model, *all_gather_tree(cached, dist), partner_pairs, partner_weight)
     out.loss.backward()
     after = torch.get_rng_state()
     cached_grads = tree_map(lambda t: t.grad if t.grad is not None else torch.zeros_like(t), cached)
@@ -125,7 +142,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
     if dist.is_main and partners is not None:
         with_partner = sum(bool(p) for p in partners)
         print(f"hard negatives ({cfg.hard_negatives}): {with_partner} of {len(partners)} training clips have a partner")
-    batches = EpochBatches(train_src.usable, global_batch, cfg.seed, partners)
+    batches = EpochBatches(train_src.usable, global_batch, cfg.seed, partners, cfg.twin_pairs, cfg.twin_kind)
     steps_per_epoch = len(batches.for_epoch(0))
     if steps_per_epoch == 0:
         raise DatasetError(f"{len(train_src.usable)} usable training videos in {data}: fewer than one batch of {global_batch}")
@@ -189,7 +206,8 @@ def train(preset: Preset, data: str | Path, out: str | Path, *, weights: str | N
                 captions = [train_ds.records[i].captions[batches.caption_choice(epoch, i, len(train_ds.records[i].captions))]
                             for i in local]
                 tokens = model.clip.tokenize(captions, context_length=preset.words).to(device)
-                out = train_step(model, tokens, train_src.train_inputs(local, device), cfg.micro_batch_size, dist)
+                out = train_step(model, tokens, train_src.train_inputs(local, device), cfg.micro_batch_size, dist,
+                                 cfg.twin_pairs, cfg.partner_loss_weight)
                 average_gradients(model, dist)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
