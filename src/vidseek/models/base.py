@@ -155,7 +155,7 @@ class RetrievalModel(nn.Module, metaclass=abc.ABCMeta):
         """What goes into the dense index: one L2-normalised vector [B, D] per video."""
         from vidseek.errors import ConfigError
 
-        raise ConfigError(f"model '{self.name}' is a reranker and has no dense index vector; "
+        raise ConfigError(f"model '{type(self).__name__}' is a reranker and has no dense index vector; "
                           "use a two-tower or PIG checkpoint for --recall")
 
     # convenience -------------------------------------------------------------------------------
