@@ -9,7 +9,7 @@ from torch import nn
 
 from vidseek.encoders import CLIP_CONFIGS, ClipBackbone, build_clip, load_clip_weights, read_clip_checkpoint
 from vidseek.encoders.clip import _instantiate, clip_config
-from vidseek.encoders.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID, decode_ids, tokenize, vocab_size
+from vidseek.encoders.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID, decode_ids, tokenize, used_length, vocab_size
 from vidseek.encoders.weights import convert_hf_state_dict, guess_clip_name, set_mlp_activation
 from vidseek.errors import CheckpointError, ConfigError
 
@@ -122,6 +122,36 @@ def test_shorter_token_rows_give_the_same_features(tiny):
         short = tiny.encode_text(tiny.tokenize(texts, context_length=12))
     torch.testing.assert_close(short.sentence, full.sentence, atol=1e-5, rtol=0)
     torch.testing.assert_close(short.words, full.words[:, :12], atol=1e-5, rtol=0)
+
+
+def test_skip_padding_encodes_only_up_to_the_last_eot(tiny):
+    texts = ["a dog catches a frisbee", "", "a red square moves left then up"]
+    tokens = tiny.tokenize(texts)
+    assert used_length(tokens) == 9  # the longest row: SOT + 7 words + EOT (mask sums 7, 2, 9 above)
+    assert used_length(tokens[1:2]) == 2
+    with torch.no_grad():
+        full = tiny.encode_text(tokens)
+        skipped = tiny.encode_text(tokens, skip_padding=True)
+    assert skipped.words.shape == full.words.shape and torch.equal(skipped.mask, full.mask)
+    torch.testing.assert_close(skipped.sentence, full.sentence, atol=1e-5, rtol=0)
+    torch.testing.assert_close(skipped.words[:, :9], full.words[:, :9], atol=1e-5, rtol=0)
+    assert skipped.words[:, 9:].abs().max() == 0 and full.words[:, 9:].abs().max() > 0
+
+
+def test_models_skip_padding_unless_their_scores_read_it(tiny):
+    from vidseek.models.tcmgc import TCMGC, TCMGCConfig
+    from vidseek.models.twotower import TwoTower, TwoTowerConfig
+
+    tokens = tiny.tokenize(["a blue circle grows", "a star"])
+    with torch.no_grad():
+        full = tiny.encode_text(tokens)
+        two_tower = TwoTower(tiny, TwoTowerConfig()).encode_text(tokens)
+        faithful = TCMGC(tiny, TCMGCConfig(max_words=32, temporal_layers=1)).encode_text(tokens)
+        masked = TCMGC(tiny, TCMGCConfig(max_words=32, temporal_layers=1, text_mask=True)).encode_text(tokens)
+    torch.testing.assert_close(two_tower.sentence, full.sentence, atol=1e-5, rtol=0)
+    assert two_tower.words[:, 6:].abs().max() == 0  # SOT + 4 words + EOT, then skipped
+    assert torch.equal(faithful.words, full.words)  # TC-MGC as released weighs padding positions
+    assert masked.words[:, 6:].abs().max() == 0
 
 
 # --- image tower --------------------------------------------------------------------------------

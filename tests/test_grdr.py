@@ -324,6 +324,26 @@ class FakeClip(nn.Module):
         return TextFeatures(sentence=words[:, 0], words=words, mask=mask)
 
 
+@pytest.mark.parametrize("encoder", ["tiny", "clip"])
+def test_trailing_padding_is_not_encoded_and_changes_no_logit(encoder):
+    torch.manual_seed(7)
+    clip = FakeClip() if encoder == "clip" else None
+    model = GRDR(tiny_config(text_encoder=encoder), clip_backbone=clip).eval()
+    tokens = model.tokenize(["red circle moves left", "blue"])
+    assert tokens.shape[1] in (10, 12)  # the fake CLIP's context, the tiny encoder's
+    prev = torch.tensor([[3, 1], [0, 7]])
+    with torch.no_grad():
+        memory, mask = model.retriever.encode_text(tokens)
+        full_states, full_mask = model.retriever.text_encoder(tokens)  # every position encoded
+        full_memory = model.retriever.text_proj(full_states)
+        trimmed = model.retriever.code_logits(model.retriever.decode(memory, mask, prev))
+        untrimmed = model.retriever.code_logits(model.retriever.decode(full_memory, full_mask, prev))
+    assert memory.shape[1] == 6 and mask.sum(dim=1).tolist() == [6, 3]  # SOT + 4 words + EOT
+    torch.testing.assert_close(memory, full_memory[:, :6] * mask[..., None] + memory * ~mask[..., None],
+                               atol=1e-5, rtol=0)  # real positions agree (padding rows may differ)
+    torch.testing.assert_close(trimmed, untrimmed, atol=1e-4, rtol=0)
+
+
 def test_clip_text_encoder_is_pluggable():
     torch.manual_seed(5)
     with pytest.raises(ConfigError, match="clip_backbone"):

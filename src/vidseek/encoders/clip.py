@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from vidseek.encoders.configs import CLIP_CONFIGS, clip_config, known_config_names  # noqa: F401 - re-exported
 from vidseek.encoders.tokenizer import tokenize as _tokenize
+from vidseek.encoders.tokenizer import used_length
 from vidseek.encoders.weights import MLP_ACTIVATIONS, load_clip_weights, mlp_activation, set_mlp_activation
 from vidseek.errors import ConfigError
 from vidseek.models.base import TextFeatures
@@ -126,14 +128,25 @@ class ClipBackbone(nn.Module):
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
-    def encode_text(self, tokens: Tensor) -> TextFeatures:
+    def encode_text(self, tokens: Tensor, skip_padding: bool = False) -> TextFeatures:
         """tokens [B, L ≤ context_length] → sentence [B, D] (EOT token, CLIP §2.4), words [B, L, D]
-        (every position after ln_final, projected) and mask [B, L] (True from SOT to EOT)."""
+        (every position after ln_final, projected) and mask [B, L] (True from SOT to EOT).
+
+        `skip_padding=True` runs the tower only on the positions up to the batch's last EOT
+        (`used_length`): sentence and the words at SOT .. EOT are the same (causal attention), the
+        words after the batch's last EOT are zeros instead of the tower's padding outputs. For
+        models that never read padding positions (pooled-sentence recall, masked attention)."""
         from open_clip.transformer import text_global_pool
 
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ConfigError(f"text tokens must be [batch, <= {self.context_length}], got {list(tokens.shape)}; "
                               "tokenize with ClipBackbone.tokenize")
+        if skip_padding:
+            full = tokens.shape[1]
+            used = self.encode_text(tokens[:, :used_length(tokens)])
+            pad = full - used.words.shape[1]
+            return TextFeatures(sentence=used.sentence, words=F.pad(used.words, (0, 0, 0, pad)),
+                                mask=F.pad(used.mask, (0, pad), value=False))
         m = self.model
         length = tokens.shape[1]
         cast_dtype = m.transformer.get_cast_dtype()

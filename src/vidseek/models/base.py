@@ -116,9 +116,14 @@ class RetrievalModel(nn.Module, metaclass=abc.ABCMeta):
         """Called once after construction when `self.clip` holds pretrained weights (not for
         random init): models initialise what their release initialises from the checkpoint."""
 
+    #: True when scoring reads the text tower's outputs at padding positions (TC-MGC's word
+    #: granularities, as released). False: the tower skips the batch's trailing padding
+    #: (`ClipBackbone.encode_text(skip_padding=True)`), same scores at a fraction of the cost.
+    reads_padding_words: ClassVar[bool] = False
+
     # text side ---------------------------------------------------------------------------------
     def encode_text(self, tokens: Tensor) -> TextFeatures:
-        return self.clip.encode_text(tokens)
+        return self.clip.encode_text(tokens, skip_padding=not self.reads_padding_words)
 
     # video side --------------------------------------------------------------------------------
     def encode_frames(self, frames: Tensor, mask: Tensor) -> FrameFeatures:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vidseek.encoders.tokenizer import used_length
 from vidseek.errors import CheckpointError, ConfigError, SearchIndexError
 from vidseek.index.trie import SemanticIdTrie
 from vidseek.models.base import LossOutput
@@ -431,8 +432,10 @@ class GenerativeRetriever(nn.Module):
         return self.log_logit_scale.exp().clamp(self.config.logit_scale_min, self.config.logit_scale_max)
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens [B, L] → decoder memory [B, L, W] and mask [B, L] (True at real tokens)."""
-        states, mask = self.text_encoder(tokens)
+        """tokens [B, L] → decoder memory [B, L', W] and mask [B, L'] (True at real tokens), L' =
+        positions up to the batch's last EOT: the decoder's cross-attention masks padding, so
+        dropping trailing padding before the text encoder changes nothing but its cost."""
+        states, mask = self.text_encoder(tokens[:, :used_length(tokens)])
         return self.text_proj(states), mask
 
     def decoder_inputs(self, prefixes: Tensor) -> Tensor:

@@ -333,6 +333,12 @@ class TCMGC(RetrievalModel):
     name: ClassVar[str] = "tcmgc"
     supports_dense_recall: ClassVar[bool] = False
 
+    @property
+    def reads_padding_words(self) -> bool:  # type: ignore[override]
+        """As released, the word granularities weigh every position, padding included (the
+        tower's outputs there are real vectors); with `text_mask` padding gets zero weight."""
+        return not self.config.text_mask
+
     def __init__(self, clip: nn.Module, config: TCMGCConfig | None = None):
         super().__init__(clip)
         cfg = self.config = config or TCMGCConfig()
