@@ -50,6 +50,37 @@ def timed(fn):
     return time.process_time() - start, out
 
 
+def decoder_flops_per_beam(cfg, memory_length: float) -> float:
+    """FLOPs (2 × multiply-adds) of decoding one beam one step with `IncrementalDecoder` and the
+    node table: block 0 from the table, then its cross-attention output projection and MLP (9 W²);
+    each later block's self-attention QKV/output, cross query/output and MLP (14 W²); the
+    cross-attention over the query's `memory_length` positions in every block (2·L·W); the code
+    logits (K·W). The cached self-attention over ≤ `levels` earlier positions is left out (< 1 %)."""
+    w = cfg.width
+    macs = 9 * w * w + (cfg.decoder_layers - 1) * 14 * w * w + cfg.decoder_layers * 2 * memory_length * w
+    return 2.0 * (macs + cfg.codebook_size * w)
+
+
+def beam_steps_per_query(model, trie, encoded, beams: int, states, chunk: int) -> float:
+    """Beams decoded per query (summed over levels) by the same search, counted outside the timing."""
+    from vidseek.models.grdr import IncrementalDecoder
+
+    count, queries = 0, 0
+
+    class Counting(IncrementalDecoder):
+        def __call__(self, prefixes, ancestors, rows, first):
+            nonlocal count
+            count += prefixes.shape[0] * prefixes.shape[1]
+            return super().__call__(prefixes, ancestors, rows, first)
+
+    with torch.no_grad():
+        for memory, mask in encoded:
+            trie.constrained_beam_search(Counting(model.retriever, memory, mask, states), len(memory), beams,
+                                         chunk=chunk)
+            queries += len(memory)
+    return count / queries
+
+
 def build_dense_index(n: int, dim: int, rng: np.random.Generator, chunk: int = 100_000):
     import faiss
 
@@ -89,6 +120,14 @@ def cascade_part(args: argparse.Namespace) -> list[str]:
 
 def run_levels(metrics: dict) -> int:
     return max(int(k.rsplit(".l", 1)[1]) for k in metrics if k.startswith("grdr.views.same_prefix.l"))
+
+
+def gemm_peak(side: int = 1536, repeats: int = 5) -> float:
+    """fp32 GEMM FLOP/s of one thread: the best of `repeats` square `torch.mm` products, in process
+    CPU time like every timing here (wall-clock time would count the other jobs of a busy machine)."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    a @ b  # warm-up
+    return max(2 * side ** 3 / timed(lambda: a @ b)[0] for _ in range(repeats))
 
 
 def main() -> None:
@@ -139,7 +178,9 @@ def main() -> None:
             return trie.constrained_beam_search(IncrementalDecoder(model.retriever, memory, mask, states), len(memory),
                                                 beams, chunk=RECALL_BEAM_CHUNK)
 
-    rows, speedups, decode_gain, grdr_bytes, dense_bytes, table_s = [], {}, {}, {}, {}, {}
+    rows, speedups, decode_gain, grdr_bytes, dense_bytes, table_s, floors = [], {}, {}, {}, {}, {}, {}
+    memory_length = float(np.mean([mask.sum(dim=1).float().mean().item() for _, mask in encoded]))
+    flops_per_beam = decoder_flops_per_beam(cfg, memory_length)
     for n in args.sizes:
         codes = rng.integers(0, cfg.codebook_size, size=(n, cfg.num_views, cfg.levels))
         build_s, trie = timed(lambda: SemanticIdTrie(codes, cfg.codebook_size))
@@ -166,6 +207,8 @@ def main() -> None:
                          expand_ms, float(np.mean(sizes)), f"{trie.bytes_per_video} ({trie.total_bytes / n:.1f})"))
             rows.append((n, f"GRDR beams {beams}", decode_ms + expand_ms, decode_ms, expand_ms,
                          float(np.mean(sizes)), f"{trie.bytes_per_video} ({trie.total_bytes / n:.1f})"))
+            steps = beam_steps_per_query(model, trie, encoded, beams, states, RECALL_BEAM_CHUNK)
+            floors[(n, beams)] = (steps, steps * flops_per_beam, decode_ms)
             speedups[(n, beams)] = rows[-1][2]
             decode_gain[(n, beams)] = before_ms / decode_ms
 
@@ -199,6 +242,15 @@ def main() -> None:
     for (n, beams), ratio in sorted(speedups.items()):
         print(f"speed-up vs dense at {n:,} videos, beams {beams}: {ratio:.1f}x; decoding with the node table vs "
               f"without: {decode_gain[(n, beams)]:.2f}x")
+    peak = gemm_peak()
+    print()
+    print(f"GEMM floor of decoding (fp32 GEMM peak in this run: {peak / 1e9:.1f} GFLOP/s, best of 5 square 1536 "
+          f"torch.mm, 1 thread, CPU time; {flops_per_beam / 1e6:.2f} MFLOP per decoded beam at {memory_length:.1f} text "
+          "positions):")
+    for (n, beams), (steps, flops, decode_ms) in sorted(floors.items()):
+        floor_ms = 1000 * flops / peak
+        print(f"  {n:,} videos, beams {beams}: {steps:.1f} beams decoded per query -> {flops / 1e6:.0f} MFLOP, "
+              f"floor {floor_ms:.2f} ms; decoding took {decode_ms:.2f} ms ({100 * floor_ms / decode_ms:.0f}% of peak)")
     largest = max(args.sizes)
     label = "1M" if largest == 1_000_000 else f"{largest:,}"
     print()
