@@ -29,7 +29,7 @@ index and the IVF-PQ rows (PQ there scans every code: the gallery is too small f
 so the PQ rows are an upper bound for IVF-PQ). The best cascade is the fastest row with
 retention ≥ `--target-retention` (else the one with the highest retention).
 
-The GRDR vs IVF-PQ comparison at equal memory (24–32 bytes per video: PQ24, OPQ24, PQ32, OPQ32,
+The GRDR vs IVF-PQ comparison at equal memory (12–24 bytes per video: PQ12, OPQ12, PQ24, OPQ24,
 vectors zero-padded to a multiple of the code size — padding leaves inner products unchanged)
 prints candidate hit rate (ground truth among the candidates), cascade R@1 retention and
 ms/query of recall at each size.
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 KS = (1, 5, 10)
-PQ_VARIANTS = ("pq24", "opq24", "pq32", "opq32")
+PQ_VARIANTS = ("pq12", "opq12", "pq24", "opq24")  # GRDR's 12 B/video (4 views × 3 one-byte codes), and twice that
 DENSE_TOP = 10
 PQ_TRAIN_SAMPLE = 32_768  # ≥ 39 × 256 (PQ codebooks) and 32 × nlist at 100k: enough, and cheap
 OPQ_ITERATIONS = 20      # FAISS's default is 50; the rotation has settled well before
@@ -593,13 +593,13 @@ def report(rows: Sequence[Row], sizes: Sequence[int], quality: dict[str, Any] | 
         q = quality["rows"][f"opq{squeezed}"]
         lines += ["", f"quality: gallery {quality['gallery']:,} clips (every split), {quality['queries']:,} test "
                   f"queries, {quality['beams']} GRDR beams; dense index there: {quality['dense_index']}; the PQ rows "
-                  f"scan every code; OPQ{squeezed} (as many dims per code byte as 24 B on 512-d): R@1 retention "
+                  f"scan every code; OPQ{squeezed} (as many dims per code byte as {quality['grdr_bytes']} B on 512-d): R@1 retention "
                   f"{q['retention']:.1f}%, hit rate {q['hit_rate']:.1f}%, {q['candidates']:.0f} candidates"]
     return lines
 
 
 def pq_table(rows: Sequence[Row], sizes: Sequence[int]) -> list[str]:
-    """GRDR vs IVF-PQ at 24–32 bytes per video."""
+    """GRDR vs IVF-PQ at equal (and twice GRDR's) bytes per video."""
     keep = [r for r in rows if r.key == "grdr" or r.key.startswith(("pq", "opq"))]
     lines = ["| recall (bytes/video) | candidate hit rate % | cascade R@1 retention % | "
              + " | ".join(f"recall ms/query {size_label(n)}" for n in sizes) + " | candidates |",

@@ -56,12 +56,12 @@ def test_retention_by_hand(bench):
 def test_pq_index_holds_as_many_bytes_per_video_as_grdr(bench, opq, nlist, monkeypatch):
     monkeypatch.setattr(bench, "OPQ_ITERATIONS", 2)  # the rotation's quality is not under test: keep it fast
     grdr_bytes = bench.semantic_id_bytes(GRDRConfig(embed_dim=64, num_views=4, levels=3, codebook_size=24))
-    assert grdr_bytes == 24  # 4 views × 3 levels × uint16
+    assert grdr_bytes == 12  # 4 views × 3 levels × uint8 (K = 24)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((600, 64)).astype(np.float32)
     index = bench.build_pq(vectors, 64, grdr_bytes, opq, nlist, vectors)
     assert bench.pq_code_bytes(index) == grdr_bytes
-    assert index.ntotal == 600 and index.d == 72  # zero-padded: 24 sub-quantisers of 3 dims
+    assert index.ntotal == 600 and index.d == 72  # zero-padded: 12 sub-quantisers of 6 dims
     bench.set_nprobe(index, nlist)  # all lists: the search is exhaustive over the codes
     ids = bench.pq_search(index, vectors[:5], 10)
     assert ids.shape == (5, 10) and (ids >= 0).all()

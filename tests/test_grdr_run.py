@@ -110,7 +110,7 @@ def test_eval_reports_recall_cascade_and_diagnostics(runs, tmp_path):
                       progress=False, echo=False)
     assert 0.0 <= m["grdr.hit_rate"] <= 100.0 and 0.0 <= m["dense.hit_rate_same_size"] <= 100.0
     assert m["grdr.candidates.min"] > 0 and m["grdr.candidates.max"] <= m["num_videos"]
-    assert m["beams"] == 5 and m["grdr.bytes_per_video"] == 4 * 3 * 2 and m["dense.bytes_per_video"] == 64 * 4
+    assert m["beams"] == 5 and m["grdr.bytes_per_video"] == 4 * 3 * 1 and m["dense.bytes_per_video"] == 64 * 4
     for key in ("cascade.R@1", "cascade.R@5", "cascade.R@10", "full.R@1", "cascade.ms_per_query",
                 "full.ms_per_query", "grdr.views.same_code.l3", "grdr.views.same_prefix.l1", "grdr.codebook.used.l1",
                 "grdr.codebook.perplexity.l3"):
@@ -149,7 +149,7 @@ def test_search_index_with_grdr_recall(runs, tmp_path):
     summary = build_index(runs["data"] / "annotations.jsonl", index, recall=f"grdr:{runs['grdr']}", split="test",
                           workers=0, progress=False)
     meta = json.loads((index / "index.json").read_text())["recall"]
-    assert meta["backend"] == "grdr" and meta["bytes_per_video"] == 24 and meta["beams"] == 20
+    assert meta["backend"] == "grdr" and meta["bytes_per_video"] == 12 and meta["beams"] == 20
     with Searcher(index) as searcher:
         indexed = {e.id: e.video_id for e in searcher.entries.get_many(list(range(1, summary.total_keys + 1))).values()}
         assert len(indexed) == summary.total_keys == summary.added > 0

@@ -129,13 +129,15 @@ def test_candidates_are_deduplicated_in_beam_order():
 
 def test_bytes_per_video_is_exact():
     codes = np.zeros((5, 4, 3), dtype=np.int64)
-    small = SemanticIdTrie(codes, 128)
-    assert small.codes.dtype == np.uint16 and small.bytes_per_video == 4 * 3 * 2
+    small = SemanticIdTrie(codes, 256)  # codes 0..255: one byte each
+    assert small.codes.dtype == np.uint8 and small.bytes_per_video == 4 * 3 * 1
+    mid = SemanticIdTrie(codes, 257)
+    assert mid.codes.dtype == np.uint16 and mid.bytes_per_video == 4 * 3 * 2
     big = SemanticIdTrie(codes, 70000)
     assert big.codes.dtype == np.int32 and big.bytes_per_video == 4 * 3 * 4
     trie = hand_trie()
-    # codes 4·2·2·2 + keys 4·8 + tables (1+1)·3·4 + (3+1)·3·4 + (4+1)·3·4... computed from parts:
-    expected = 32 + 32 + (2 * 3 + 4 * 3) * 4 + 5 * 8 + 7 * 4
+    # codes 4·2·2·1 + keys 4·8 + tables (1+1)·3·4 + (3+1)·3·4 + (4+1)·3·4... computed from parts:
+    expected = 16 + 32 + (2 * 3 + 4 * 3) * 4 + 5 * 8 + 7 * 4
     assert trie.total_bytes == expected
 
 
@@ -146,7 +148,7 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npz"]  # no temp file left behind
     loaded = SemanticIdTrie.load(path)
     np.testing.assert_array_equal(loaded.codes, trie.codes)
-    assert loaded.codebook_size == 6 and loaded.codes.dtype == np.uint16
+    assert loaded.codebook_size == 6 and loaded.codes.dtype == np.uint8
     beams = trie.all_ids()[None, ::-1]
     assert loaded.candidates(beams) == trie.candidates(beams)
 

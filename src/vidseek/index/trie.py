@@ -6,7 +6,7 @@ IDs that exist in the corpus; each emitted ID then expands to all videos that ca
 
 Layout (all numpy, built once from the code array, so load = rebuild from the codes)::
 
-    codes        [N, N_v, L] uint16 (int32 if K > 65536)   the index itself: N_v·L·2 bytes/video
+    codes        [N, N_v, L] uint8 (uint16 if K > 256)   the index itself: N_v·L bytes/video
     id_keys      [M] int64   sorted mixed-radix keys of the M distinct IDs (key = Σ c_l·K^(L-1-l))
     child[l]     [n_l + 1, K] int32   prefix node at level l → node at level l+1 (-1: no child);
                                       child[L-1] maps to the ID's row in id_keys; the extra last
@@ -51,8 +51,13 @@ def top_beams(candidates: Tensor, beams: int) -> tuple[Tensor, Tensor]:
     return values.gather(1, order), positions.gather(1, order)
 
 
-def _code_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if codebook_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+def code_dtype(codebook_size: int) -> np.dtype:
+    """The narrowest integer that holds codes 0 .. K-1: one byte per code up to K = 256 (the
+    release's codebooks are 96-200), two up to 65,536."""
+    for dtype in (np.uint8, np.uint16):
+        if codebook_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.int32)
 
 
 class SemanticIdTrie:
@@ -80,7 +85,7 @@ class SemanticIdTrie:
                 f"{levels} levels × codebook {codebook_size} do not fit a 64-bit key; "
                 "use fewer levels or a smaller codebook")
         self.codebook_size = int(codebook_size)
-        self.codes = np.ascontiguousarray(codes.astype(_code_dtype(codebook_size), copy=False))
+        self.codes = np.ascontiguousarray(codes.astype(code_dtype(codebook_size), copy=False))
         self._build()
 
     # --- construction ----------------------------------------------------------------------------
@@ -137,7 +142,7 @@ class SemanticIdTrie:
 
     @property
     def bytes_per_video(self) -> int:
-        """Bytes of stored semantic IDs per video: N_v · L · itemsize (24 for 4 views × 3 uint16)."""
+        """Bytes of stored semantic IDs per video: N_v · L · itemsize (12 for 4 views × 3 levels, K ≤ 256)."""
         return int(self.num_views * self.levels * self.codes.itemsize)
 
     @property

@@ -120,7 +120,9 @@ class GRDRRecallBackend:
         self.ids, self.codes, self.beams = ids.astype(np.int64), codes.astype(np.int64), beams
 
     def _code_dtype(self) -> np.dtype:
-        return np.dtype(np.uint16) if self.model.config.codebook_size <= 1 << 16 else np.dtype(np.int32)
+        from vidseek.index.trie import code_dtype
+
+        return code_dtype(self.model.config.codebook_size)
 
     # --- querying -----------------------------------------------------------------------------
     def _recall(self) -> Any:
