@@ -15,6 +15,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_for_shared_fixtures():
+    # Session- and module-scoped fixtures are set up before the per-test fixture below, so without
+    # this they would compute their references with the default thread count: GEMMs over a few
+    # rows (a query encoded up to its EOT) round differently with 1 and 2 threads.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Two cores shared by the whole suite: one intra-op thread keeps runs fast and results stable.
