@@ -150,16 +150,24 @@ def precompute_text(lva: LVAModule, queries: Tensor, probes: Tensor) -> LVATextC
 
 
 def small_batched_matmul(left: Tensor, right: Tensor) -> Tensor:
-    """`left @ right` for many tiny matrices ([..., P, J] @ [..., J, Q], P, J, Q ~ 10–40).
+    """`left @ right` for many tiny matrices ([..., P, J] @ [..., J, Q], P, J, Q ~ 10–40), with the
+    result laid out P-major in memory (a [P, ..., Q] buffer seen as [..., P, Q]).
 
     torch's CPU bmm pays a per-matrix overhead that dominates at this size (≈ 2 GFLOP/s here);
-    numpy's matmul loops the BLAS kernel over the batch with less of it (≈ 2.5× faster). Same
-    products, so the same values; torch is used whenever autograd needs the graph or off the CPU.
+    numpy's matmul loops the BLAS kernel over the batch with less of it (≈ 2.5× faster), reading
+    strided operands (e.g. a transposed left) in place and writing into a strided output. P-major
+    output: the similarity heads reduce over P (top-k over words), and rows of a P-major tensor are
+    dense, so they need no transposing copy. Same products, so the same values; torch is used
+    whenever autograd needs the graph or off the CPU.
     """
     needs_graph = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
     if needs_graph or left.device.type != "cpu" or right.device.type != "cpu":
         return left @ right
-    return torch.from_numpy(np.matmul(left.contiguous().numpy(), right.contiguous().numpy()))
+    *batch, p_count, _ = left.shape
+    out = torch.empty((p_count, *batch, right.shape[-1]), dtype=left.dtype)
+    out_view = out.movedim(0, -2)
+    np.matmul(left.numpy(), right.numpy(), out=out_view.numpy())
+    return out_view
 
 
 def probe_dots(
@@ -191,16 +199,18 @@ def probe_dots(
         logits = logits.masked_fill(~video.frame_valid[:, :, None], torch.finfo(logits.dtype).min)
     att = logits.view(bv, heads, n // heads, columns).softmax(dim=2).view(bv, n, columns)
 
-    # LN2 statistics of a = K̃ᵀ·att
+    # LN2 statistics of a = K̃ᵀ·att. y = ỹ/σ(a) with ỹ = [att; −μ(a)]; everything below is linear
+    # or quadratic in y, so it is computed on ỹ and rescaled on [Bv, Bt·Q]-sized results, never
+    # dividing the [Bv, n+1, Bt·Q] tensor itself.
     mean_a = (video.mean_weights[:, None, :] @ att).squeeze(1)  # [Bv, Bt·Q]
     sq_a = ((video.key_gram @ att) * att).sum(1)
-    sigma_a = ((sq_a - mean_a * mean_a).clamp(min=0) + eps_attended).sqrt()
-    y = torch.cat([att, -mean_a[:, None, :]], dim=1) / sigma_a[:, None, :]  # [Bv, n+1, Bt·Q]
+    inv_sigma_a = 1.0 / ((sq_a - mean_a * mean_a).clamp(min=0) + eps_attended).sqrt()
+    y_raw = torch.cat([att, -mean_a[:, None, :]], dim=1)  # ỹ [Bv, n+1, Bt·Q]
 
     # LN3 statistics of c = X·y + e
-    quad = ((video.design_gram.reshape(bv, 2 * (n + 1), n + 1) @ y).view(bv, 2, n + 1, columns)
-            * y[:, None]).sum(2)  # [Bv, 2, Bt·Q]
-    lin = video.design_linear.transpose(1, 2) @ y  # [Bv, 5, Bt·Q]
+    quad = ((video.design_gram.reshape(bv, 2 * (n + 1), n + 1) @ y_raw).view(bv, 2, n + 1, columns)
+            * y_raw[:, None]).sum(2) * (inv_sigma_a * inv_sigma_a)[:, None]  # [Bv, 2, Bt·Q]
+    lin = (video.design_linear.transpose(1, 2) @ y_raw) * inv_sigma_a[:, None]  # [Bv, 5, Bt·Q]
     mean_c = (lin[:, 0] + c["e_sum"]) / d
     c_sq = quad[:, 0] + 2 * lin[:, 3] + c["e_sq"]
     c_gamma_c = quad[:, 1] + 2 * lin[:, 4] + c["e_gamma_e"]
@@ -210,37 +220,47 @@ def probe_dots(
     z_sq = ((c_gamma_c - 2 * mean_c * gamma_c + mean_c * mean_c * c["gamma_sum"]) / (sigma_c * sigma_c)
             + 2 * (h_c - mean_c * c["h_sum"]) / sigma_c + c["beta3_sq"])
     z_norm = z_sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
-    mean_c, sigma_c, z_norm = (x.view(bv, bt, 1, q_count) for x in (mean_c, sigma_c, z_norm))
+    inv_z = 1.0 / z_norm
+    inv_sz = inv_z / sigma_c  # r = 1/(σ(c)‖z‖)
+    # per (video, text, query) scalars, [Bt, Bv, 1, Q] (pair-major, as the contractions below)
+    r, m_c, r_z, r_y = (x.view(bv, bt, 1, q_count).transpose(0, 1)
+                        for x in (inv_sz, mean_c, inv_z, inv_sz * inv_sigma_a))
 
-    y = y.view(bv, n + 1, bt, q_count)
-    inv_z = 1.0 / z_norm  # [Bv, Bt, 1, Q]
-    inv_sz = inv_z / sigma_c
+    y_raw = y_raw.view(bv, n + 1, bt, q_count)
     out = []
     for probe_slice, query_slice in groups:
         probes = text.probes[:, probe_slice]  # [Bt, P, D]
-        queries = y[..., query_slice]  # [Bv, n+1, Bt, Qg]
+        queries = y_raw[..., query_slice]  # [Bv, n+1, Bt, Qg]
         p_count, g_count = probes.shape[1], queries.shape[-1]
-        p_e, p_sum, p_bias = (x[:, probe_slice] for x in (text.probe_e, text.probe_sum, text.probe_bias))
-        r, m_c, r_z = (x[..., query_slice] for x in (inv_sz, mean_c, inv_z))  # [Bv, Bt, 1, Qg]
+        p_e, p_sum, p_bias = (x[:, probe_slice, None] for x in (text.probe_e, text.probe_sum, text.probe_bias))
+        r_g, m_g, z_g, ry_g = (x[..., query_slice] for x in (r, m_c, r_z, r_y))  # [Bt, Bv, 1, Qg]
         if g_count == 1:
             # One query (the sentence): c − e = X·y is one D-vector per pair, cheaper to build than
             # projecting every probe onto X's n+1 columns: (n+1+P)·D instead of P·(n+1)·D.
-            xy = queries[..., 0].transpose(1, 2).contiguous() @ video.design  # [Bv, Bt, D]; strided: a bmm per video
-            p_c = (probes @ xy.permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1) + p_e[None, :, :, None]
-            p_z = (p_c - m_c * p_sum[None, :, :, None]) * r + p_bias[None, :, :, None] * r_z
-            out.append(p_z.transpose(0, 1))
+            xy = queries[..., 0].transpose(1, 2).contiguous() @ video.design  # X·ỹ [Bv, Bt, D]; strided: a bmm per video
+            p_xy = (probes @ xy.permute(1, 2, 0)).unsqueeze(-1)  # [Bt, P, Bv, 1]
+            p_xy = p_xy.transpose(1, 2)  # [Bt, Bv, P, 1]
+            p_e_, p_sum_, p_bias_ = (x[:, None] for x in (p_e, p_sum, p_bias))  # [Bt, 1, P, 1]
+            out.append(p_xy * ry_g + (p_e_ - m_g * p_sum_) * r_g + p_bias_ * z_g)
             continue
         # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P]. Then ONE (n+4)-long contraction per pair yields
         # f·p directly: the LN3 shift/scale and the 1/‖z‖ normalisation ride along as three extra
-        # rows, [X·p ; p·e ; Σp ; p·β3] · [y·r ; r ; −μ(c)·r ; 1/‖z‖] with r = 1/(σ(c)‖z‖), so
-        # no elementwise pass over the [Bv, Bt, P, Q] output is needed. Both operands are laid out
-        # pair-major ([Bt, Bv, P, n+4] and [Bt, Bv, n+4, Qg]) by the concatenation that appends the
-        # extra rows, so the contraction is a batched matmul writing the output in place.
+        # rows, [X·p ; p·e ; Σp ; p·β3] · [ỹ·r/σ(a) ; r ; −μ(c)·r ; 1/‖z‖] with r = 1/(σ(c)‖z‖),
+        # so no elementwise pass over the [Bt, Bv, P, Q] output is needed. Both operands are
+        # written once, pair-major and row-major per pair ([Bt, Bv, n+4, P] and [Bt, Bv, n+4, Qg]:
+        # runs of P and Q stay contiguous), and the left one is read transposed in place.
         projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t()).view(
             bv, n + 1, bt, p_count)
-        text_rows = torch.stack([p_e, p_sum, p_bias], dim=-1)[:, None].expand(-1, bv, -1, -1)  # [Bt, Bv, P, 3]
-        left = torch.cat([projected.permute(2, 0, 3, 1), text_rows], dim=3)  # [Bt, Bv, P, n+4]
-        r_q, m_q, z_q = (x.permute(1, 0, 2, 3) for x in (r, m_c, r_z))  # [Bt, Bv, 1, Qg]
-        right = torch.cat([queries.permute(2, 0, 1, 3) * r_q, r_q, -m_q * r_q, z_q], dim=2)  # [Bt, Bv, n+4, Qg]
-        out.append(small_batched_matmul(left, right))  # → [Bt, Bv, P, Qg]
+        left = projected.new_empty(bt, bv, n + 4, p_count)
+        left[:, :, : n + 1] = projected.permute(2, 0, 1, 3)
+        left[:, :, n + 1:] = torch.cat([p_e, p_sum, p_bias], dim=-1).transpose(1, 2)[:, None]  # [Bt, 1, 3, P]
+        right = queries.new_empty(bt, bv, n + 4, g_count)
+        if torch.is_grad_enabled():  # out= has no autograd; the same product, via a temporary
+            right[:, :, : n + 1] = queries.permute(2, 0, 1, 3) * ry_g
+        else:
+            torch.mul(queries.permute(2, 0, 1, 3), ry_g, out=right[:, :, : n + 1])
+        right[:, :, n + 1: n + 2] = r_g
+        right[:, :, n + 2: n + 3] = -m_g * r_g
+        right[:, :, n + 3:] = z_g
+        out.append(small_batched_matmul(left.transpose(-1, -2), right))  # → [Bt, Bv, P, Qg]
     return out
