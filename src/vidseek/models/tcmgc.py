@@ -460,7 +460,9 @@ class TCMGC(RetrievalModel):
         local_probes = words_n if self.local_projection is None else words_n @ self.local_projection
         probes = torch.cat([global_probe[:, None], words_n, sentence_n[:, None], local_probes], dim=1)
         queries = torch.cat([text.sentence[:, None], words], dim=1)
-        cache = tcmgc_fast.precompute_text(self.lva, queries, probes) if fast and self.lva is not None else None
+        w = self.config.max_words
+        cache = (tcmgc_fast.precompute_text(self.lva, queries, probes, key_space=slice(w + 1, 2 * w + 2))
+                 if fast and self.lva is not None else None)
         return _TextSide(queries=queries, probes=probes,
                          word_valid=text.mask.bool() if self.config.text_mask else None, fast_cache=cache)
 
@@ -505,7 +507,7 @@ class TCMGC(RetrievalModel):
         if fast:
             text_cache = side.fast_cache
             if text_cache is None:
-                text_cache = tcmgc_fast.precompute_text(self.lva, side.queries, side.probes)
+                text_cache = tcmgc_fast.precompute_text(self.lva, side.queries, side.probes, key_space=frame_probes)
             v, f = tcmgc_fast.probe_dots(self.lva, text_cache, video,
                                          [(video_probes, slice(0, 1)), (frame_probes, slice(1, w + 1))],
                                          use_frame_mask=self.config.frame_mask)

@@ -65,6 +65,8 @@ class LVATextCache:
     probe_bias: Tensor  # [B, P] p·β3
     probe_e: Tensor  # [B, P] (p ⊙ γ3)·e
     probe_sum: Tensor  # [B, P] Σ (p ⊙ γ3)
+    key_probes: Tensor | None = None  # [B, P_k, D] the probes `key_space` in key space, see `key_space_probes`
+    key_space: slice | None = None
 
 
 def _layer_norm(x: Tensor, ln: torch.nn.LayerNorm) -> Tensor:
@@ -136,8 +138,20 @@ def precompute_video(lva: LVAModule, frames: Tensor, frame_valid: Tensor) -> LVA
     )
 
 
-def precompute_text(lva: LVAModule, queries: Tensor, probes: Tensor) -> LVATextCache:
-    """queries [B,Q,D] (raw text features: LN1 is applied here), probes [B,P,D] (the p vectors)."""
+def key_space_probes(lva: LVAModule, scaled_probes: Tensor) -> Tensor:
+    """u = √d_h·γ2 ⊙ (Mᵀ·(p⊙γ3)) for probes [B,P,D] given as p⊙γ3, so that X_j·(p⊙γ3) = keys_j·u
+    for every per-video design row j < n (X_j = M·(γ2 ⊙ K̃_j), keys = K̃/√d_h): the probe
+    projection then shares its left operand, the keys, with the attention logits — one GEMM."""
+    c = lva_constants(lva, scaled_probes.dtype)
+    d = scaled_probes.shape[-1]
+    return (scaled_probes @ c["mix"]) * (c["gamma2"] * math.sqrt(d // lva.heads))
+
+
+def precompute_text(lva: LVAModule, queries: Tensor, probes: Tensor, key_space: slice | None = None
+                    ) -> LVATextCache:
+    """queries [B,Q,D] (raw text features: LN1 is applied here), probes [B,P,D] (the p vectors);
+    `key_space`: the probes scored against many queries (word-conditioned frames), whose key-space
+    form is computed here once per text rather than per video block."""
     c = lva_constants(lva, probes.dtype)
     scaled = probes * c["gamma3"]
     return LVATextCache(
@@ -146,6 +160,8 @@ def precompute_text(lva: LVAModule, queries: Tensor, probes: Tensor) -> LVATextC
         probe_bias=probes @ c["beta3"],
         probe_e=scaled @ c["e"],
         probe_sum=scaled.sum(-1),
+        key_probes=None if key_space is None else key_space_probes(lva, scaled[:, key_space]),
+        key_space=key_space,
     )
 
 
@@ -193,11 +209,24 @@ def probe_dots(
     # with a wide right-hand side, and the softmax / LayerNorm reductions run over a non-inner
     # dimension (vectorised across texts and queries).
 
-    # GEMM 1: attention logits K̃·LN1(Q)ᵀ/√d_h  → [Bv, n, Bt·Q]
-    logits = (video.keys.reshape(bv * n, d) @ text.queries.reshape(columns, d).t()).view(bv, n, columns)
+    # ONE GEMM for the attention logits K̃·LN1(Q)ᵀ/√d_h and, for every multi-query group, the
+    # probe projections X_j·(P⊙γ3) = keys_j·U (j < n; see `key_space_probes`): both share the keys
+    # as left operand → [Bv, n, Bt, Q + ΣP]. Design row n (M·γ2) is the same for every video, so
+    # its dots are text-side scalars, not GEMM rows.
+    multi = [(p, q) for p, q in groups if len(range(q_count)[q]) > 1]
+    key_probes = [text.key_probes if text.key_space == p else key_space_probes(lva, text.probes[:, p])
+                  for p, _ in multi]
+    right_side = torch.cat([text.queries, *key_probes], dim=1) if key_probes else text.queries
+    width = right_side.shape[1]
+    wide = (video.keys.reshape(bv * n, d) @ right_side.reshape(bt * width, d).t()).view(bv, n, bt, width)
+    logits = wide[..., :q_count]  # [Bv, n, Bt, Q]
     if use_frame_mask:
-        logits = logits.masked_fill(~video.frame_valid[:, :, None], torch.finfo(logits.dtype).min)
-    att = logits.view(bv, heads, n // heads, columns).softmax(dim=2).view(bv, n, columns)
+        logits = logits.masked_fill(~video.frame_valid[:, :, None, None], torch.finfo(logits.dtype).min)
+    att = logits.view(bv, heads, n // heads, bt, q_count).softmax(dim=2).reshape(bv, n, columns)
+    projections, start = {}, q_count  # (probe slice) → its [Bv, n, Bt, P] columns of `wide`
+    for (p, _), probes_u in zip(multi, key_probes):
+        projections[p.start, p.stop] = wide[..., start:start + probes_u.shape[1]]
+        start += probes_u.shape[1]
 
     # LN2 statistics of a = K̃ᵀ·att. y = ỹ/σ(a) with ỹ = [att; −μ(a)]; everything below is linear
     # or quadratic in y, so it is computed on ỹ and rescaled on [Bv, Bt·Q]-sized results, never
@@ -243,17 +272,18 @@ def probe_dots(
             p_e_, p_sum_, p_bias_ = (x[:, None] for x in (p_e, p_sum, p_bias))  # [Bt, 1, P, 1]
             out.append(p_xy * ry_g + (p_e_ - m_g * p_sum_) * r_g + p_bias_ * z_g)
             continue
-        # GEMM 2: X·(P⊙γ3)ᵀ → [Bv, n+1, Bt, P]. Then ONE (n+4)-long contraction per pair yields
-        # f·p directly: the LN3 shift/scale and the 1/‖z‖ normalisation ride along as three extra
-        # rows, [X·p ; p·e ; Σp ; p·β3] · [ỹ·r/σ(a) ; r ; −μ(c)·r ; 1/‖z‖] with r = 1/(σ(c)‖z‖),
-        # so no elementwise pass over the [Bt, Bv, P, Q] output is needed. Both operands are
-        # written once, pair-major and row-major per pair ([Bt, Bv, n+4, P] and [Bt, Bv, n+4, Qg]:
-        # runs of P and Q stay contiguous), and the left one is read transposed in place.
-        projected = (video.design.reshape(bv * (n + 1), d) @ probes.reshape(bt * p_count, d).t()).view(
-            bv, n + 1, bt, p_count)
+        # The probe projections X·(P⊙γ3) come from the GEMM above ([Bv, n, Bt, P]). Then ONE
+        # (n+4)-long contraction per pair yields f·p directly: design row n and the LN3
+        # shift/scale and 1/‖z‖ ride along as four text-side rows, [X_{<n}·p ; (M·γ2)·p ; p·e ;
+        # Σp ; p·β3] · [ỹ·r/σ(a) ; r ; −μ(c)·r ; 1/‖z‖] with r = 1/(σ(c)‖z‖), so no elementwise
+        # pass over the [Bt, Bv, P, Q] output is needed. Both operands are written once, pair-major
+        # and row-major per pair ([Bt, Bv, n+4, P] and [Bt, Bv, n+4, Qg]: runs of P and Q stay
+        # contiguous), and the left one is read transposed in place.
+        projected = projections[probe_slice.start, probe_slice.stop]
         left = projected.new_empty(bt, bv, n + 4, p_count)
-        left[:, :, : n + 1] = projected.permute(2, 0, 1, 3)
-        left[:, :, n + 1:] = torch.cat([p_e, p_sum, p_bias], dim=-1).transpose(1, 2)[:, None]  # [Bt, 1, 3, P]
+        left[:, :, :n] = projected.permute(2, 0, 1, 3)
+        p_r = (probes @ c["r"])[..., None]  # [Bt, P, 1]
+        left[:, :, n:] = torch.cat([p_r, p_e, p_sum, p_bias], dim=-1).transpose(1, 2)[:, None]  # [Bt, 1, 4, P]
         right = queries.new_empty(bt, bv, n + 4, g_count)
         if torch.is_grad_enabled():  # out= has no autograd; the same product, via a temporary
             right[:, :, : n + 1] = queries.permute(2, 0, 1, 3) * ry_g
