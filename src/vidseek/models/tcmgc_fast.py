@@ -17,7 +17,10 @@ Because `a` is a convex combination of K's rows, every LayerNorm statistic is a 
 
 So per (text, video) pair the only D-sized work is two GEMM-shaped products (LN1(Q)·K̃ᵀ and
 (P⊙γ3)·X, each ~W×n×D) plus, for the single sentence query, one D-vector X·y; the rest is
-O(W·n²) and no [B_t, W, B_v, D] tensor is ever built.
+O(W·n²) and no [B_t, W, B_v, D] tensor is ever built. X's first n columns are K̃ mapped by
+M·diag(γ2), so (P⊙γ3)·X_{<n} = U·K̃ᵀ with U = (P⊙γ3)·M·diag(γ2), computed once per text: both
+products then share K̃ and run as ONE GEMM, K̃·[LN1(Q) ; U]ᵀ (and X's last column, M·γ2, is the
+same for every video, so its dots are per-text scalars).
 With H heads, K̃ (n = H·T rows) holds each frame once per head with the other heads' channels
 zeroed, so the same algebra covers multi-head attention (Table 12).
 
