@@ -512,3 +512,68 @@ def test_fast_path_gradients_equal_direct_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-9, rtol=1e-7), name
+
+
+# --- speed-path pieces against the plain torch ops they replace ---------------------------------
+
+def test_short_softmax_equals_softmax_in_any_layout():
+    from vidseek.models.tcmgc import short_softmax
+
+    gen = torch.Generator().manual_seed(4)
+    x = 50 * torch.randn(5, 6, 3, 4, generator=gen, dtype=torch.float64)
+    for dim in range(4):
+        assert torch.allclose(short_softmax(x, dim), x.softmax(dim), rtol=0, atol=1e-15)
+        permuted = x.movedim(dim, 0).contiguous().movedim(0, dim)  # `dim` outermost in memory
+        assert torch.allclose(short_softmax(permuted, dim), x.softmax(dim), rtol=0, atol=1e-15)
+    long = torch.randn(2, 20, generator=gen, dtype=torch.float64)  # above the cut-off: torch's own
+    assert torch.equal(short_softmax(long), long.softmax(-1))
+
+
+def test_fuse_without_sort_equals_sorted_fusion_with_ties():
+    """SR "fuse" (no masks) takes no sort; ties across the top-k / rest split count exactly."""
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randint(-3, 4, (40, 9), generator=gen).double() / 4  # many ties
+    s[0] = 0.5  # all equal
+    for keep in (1, 3, 5):
+        out, valid = similarity_reorganization(s, keep, "fuse")
+        assert valid is None
+        for row, got in zip(s.tolist(), out.tolist()):
+            assert got == pytest.approx(loop_sr(row, keep, "fuse"), abs=1e-12)
+
+
+def test_top_values_in_any_memory_layout():
+    from vidseek.models.tcmgc import top_values
+
+    x = torch.randint(-3, 4, (5, 7, 9)).double()
+    for dim in range(3):
+        for layout in (x, x.movedim(dim, 0).contiguous().movedim(0, dim), x.transpose(0, 2).contiguous().transpose(0, 2)):
+            assert torch.equal(top_values(layout, 3, dim), x.topk(3, dim=dim).values)
+
+
+def test_small_batched_matmul_writes_probe_major():
+    from vidseek.models.tcmgc_fast import small_batched_matmul
+
+    gen = torch.Generator().manual_seed(6)
+    left = torch.randn(3, 4, 6, 5, generator=gen, dtype=torch.float64)
+    right = torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        out = small_batched_matmul(left.transpose(-1, -2).contiguous().transpose(-1, -2), right)
+    assert torch.allclose(out, left @ right, rtol=0, atol=1e-13)
+    assert out.movedim(-2, 0).is_contiguous()  # [P, ..., Q] in memory
+
+
+def test_probe_dots_without_cached_key_space_probes():
+    """The text cache's key-space probes are an optimisation: computed on the fly, same dots."""
+    from vidseek.models import tcmgc_fast
+
+    model = make_model(attention_heads=2)
+    text, video = make_text(2), model.precompute_video(model.encode_video_features(make_frames(3)))
+    side = model._text_side(text, fast=True)
+    frame_probes = slice(W + 1, 2 * W + 2)
+    groups = [(slice(0, W + 1), slice(0, 1)), (frame_probes, slice(1, W + 1))]
+    assert side.fast_cache.key_space == frame_probes and side.fast_cache.key_probes is not None
+    bare = tcmgc_fast.precompute_text(model.lva, side.queries, side.probes)
+    cached = tcmgc_fast.probe_dots(model.lva, side.fast_cache, video, groups, False)
+    computed = tcmgc_fast.probe_dots(model.lva, bare, video, groups, False)
+    for a, b in zip(cached, computed):
+        assert (a - b).abs().max().item() < 1e-12

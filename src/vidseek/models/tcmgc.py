@@ -150,11 +150,25 @@ PAPER_SIZES: dict[str, tuple[int, int]] = {
 
 # --- similarity reorganisation and aggregation (plain tensors) ----------------------------------
 
+#: up to this length, softmax is spelled out (max, exp, sum, divide): torch's CPU softmax kernel
+#: pays ~0.1 µs per row, which dominated the ISA heads (rows of 3–4 similarities).
+_SHORT_SOFTMAX_MAX = 8
+
+
+def short_softmax(logits: Tensor, dim: int = -1) -> Tensor:
+    """`logits.softmax(dim)` (same formula: shift by the max, exponentiate, normalise), faster for
+    short rows, and in whatever memory layout `logits` has."""
+    if logits.shape[dim] > _SHORT_SOFTMAX_MAX:
+        return logits.softmax(dim)
+    shifted = (logits - logits.amax(dim, keepdim=True)).exp()
+    return shifted / shifted.sum(dim, keepdim=True)
+
+
 def masked_softmax(logits: Tensor, valid: Tensor | None) -> Tensor:
     """Softmax over the last dim; invalid entries (and all-invalid rows) get weight exactly 0."""
     if valid is None:
-        return logits.softmax(-1)
-    weights = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).softmax(-1)
+        return short_softmax(logits)
+    weights = short_softmax(logits.masked_fill(~valid, torch.finfo(logits.dtype).min))
     return weights * valid
 
 
@@ -168,7 +182,13 @@ def top_values(x: Tensor, k: int, dim: int = -1) -> Tensor:
     n = x.shape[dim]
     if k > _INSERTION_TOPK_MAX or k >= n:
         return x.topk(k, dim=dim, largest=True, sorted=True).values
-    rows = x.unbind(dim)
+    # The network's elementwise ops run fastest on dense rows: bring `dim` to the front and copy
+    # only if its rows are not already dense blocks of memory (e.g. `dim` innermost). The result
+    # is stacked the same way (its `dim` outermost in memory), so a later call along it is free.
+    front = x.movedim(dim, 0)
+    if not front[0].is_contiguous():
+        front = front.contiguous()
+    rows = front.unbind(0)
     best = [rows[0].clone()] + [torch.full_like(rows[0], float("-inf")) for _ in range(k - 1)]
     # Without autograd, update in place: ~2× faster, as every fresh [.., rows] result would be a
     # new large allocation (mmap + page faults) — 2k of them per entry of `dim`.
@@ -181,7 +201,7 @@ def top_values(x: Tensor, k: int, dim: int = -1) -> Tensor:
             else:
                 best[i] = torch.maximum(best[i], torch.minimum(best[i - 1], row))
         best[0] = torch.maximum(best[0], row, out=best[0] if in_place else None)
-    return torch.stack(best, dim=dim)
+    return torch.stack(best).movedim(0, dim)
 
 
 def similarity_reorganization(s: Tensor, keep: int, mode: str, valid: Tensor | None = None
@@ -202,6 +222,8 @@ def similarity_reorganization(s: Tensor, keep: int, mode: str, valid: Tensor | N
             return top, None
         top_valid = torch.isfinite(top)
         return top.masked_fill(~top_valid, 0.0), top_valid
+    if valid is None and keep < _INSERTION_TOPK_MAX:
+        return _fuse_without_sort(s, keep), None
     ordered = ranked.sort(dim=-1, descending=True).values
     top, rest = ordered[..., :keep], ordered[..., keep:]
     rest_valid = None if valid is None else torch.isfinite(rest)
@@ -215,12 +237,30 @@ def similarity_reorganization(s: Tensor, keep: int, mode: str, valid: Tensor | N
     return values.masked_fill(~values_valid, 0.0), values_valid
 
 
+def _fuse_without_sort(s: Tensor, keep: int) -> Tensor:
+    """SR "fuse" without masks and without sorting (a full CPU sort of short rows costs ~30 ns
+    per entry): [top k ; Σ softmax(rest)·rest], where rest = the m − k entries left after the top k.
+
+    With t = the (k+1)-th largest (rest's maximum, the softmax shift), rest is every entry < t plus
+    c = (m − k) − #{entries < t} copies of t (ties at t split between top and rest), so
+    fused = (Σ_{x<t} e^(x−t)·x + c·t) / (Σ_{x<t} e^(x−t) + c) — the same softmax, term by term.
+    """
+    top = top_values(s, keep + 1)
+    shift = top[..., keep:]  # [..., 1]
+    below = s < shift
+    weights = (s - shift).exp().masked_fill(~below, 0.0)
+    ties = (s.shape[-1] - keep) - below.sum(-1, keepdim=True).to(s.dtype)
+    fused = ((weights * s).sum(-1, keepdim=True) + ties * shift) / (weights.sum(-1, keepdim=True) + ties)
+    return torch.cat([top[..., :keep], fused], dim=-1)
+
+
 def interactive_similarity_aggregation(s: Tensor, interaction: Tensor, lam: float, valid: Tensor | None = None
                                        ) -> tuple[Tensor, Tensor | None]:
     """ISA along the last dim (§3.5 Eq. 18–19, from UCoFiA): w = softmax(λ·(softmax(λ·s)·A)),
     score = Σ w·s. `interaction` is A [n, n] (identity-initialised). Returns (score, any-valid)."""
     relevance = masked_softmax(lam * s, valid)
-    weights = masked_softmax(lam * (relevance @ interaction), valid)
+    # contiguous: a strided left operand sends `@` down a ~100× slower path (this runs per block)
+    weights = masked_softmax(lam * (relevance.contiguous() @ interaction), valid)
     return (weights * s).sum(-1), (None if valid is None else valid.any(-1))
 
 
@@ -426,7 +466,9 @@ class TCMGC(RetrievalModel):
         local_probes = words_n if self.local_projection is None else words_n @ self.local_projection
         probes = torch.cat([global_probe[:, None], words_n, sentence_n[:, None], local_probes], dim=1)
         queries = torch.cat([text.sentence[:, None], words], dim=1)
-        cache = tcmgc_fast.precompute_text(self.lva, queries, probes) if fast and self.lva is not None else None
+        w = self.config.max_words
+        cache = (tcmgc_fast.precompute_text(self.lva, queries, probes, key_space=slice(w + 1, 2 * w + 2))
+                 if fast and self.lva is not None else None)
         return _TextSide(queries=queries, probes=probes,
                          word_valid=text.mask.bool() if self.config.text_mask else None, fast_cache=cache)
 
@@ -471,7 +513,7 @@ class TCMGC(RetrievalModel):
         if fast:
             text_cache = side.fast_cache
             if text_cache is None:
-                text_cache = tcmgc_fast.precompute_text(self.lva, side.queries, side.probes)
+                text_cache = tcmgc_fast.precompute_text(self.lva, side.queries, side.probes, key_space=frame_probes)
             v, f = tcmgc_fast.probe_dots(self.lva, text_cache, video,
                                          [(video_probes, slice(0, 1)), (frame_probes, slice(1, w + 1))],
                                          use_frame_mask=self.config.frame_mask)
