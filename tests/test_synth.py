@@ -303,4 +303,31 @@ def test_invalid_config_is_a_one_line_error(tmp_path):
         generate(tmp_path, SynthConfig(num_videos=4, size=33), progress=False)
     with pytest.raises(ConfigError, match="train split"):
         build_annotations(SynthConfig(val_fraction=0.5, test_fraction=0.5))
+    with pytest.raises(ConfigError, match="--extra-train"):
+        build_annotations(SynthConfig(num_videos=4, extra_train_videos=-1))
+
+
+def test_extra_train_clips_leave_the_benchmark_unchanged():
+    from vidseek.data.synth import config_hash, scene_key
+
+    base = build_annotations(SynthConfig(num_videos=60, seed=5))
+    grown = build_annotations(SynthConfig(num_videos=60, seed=5, extra_train_videos=36))
+    assert len(grown) == 96
+    by_id = {r["video_id"]: r for r in grown}
+    assert all(by_id[r["video_id"]] == r for r in base)  # the same 60 clips, ids, captions, splits
+    extra = [r for r in grown if r["video_id"] not in {b["video_id"] for b in base}]
+    assert sorted(r["video_id"] for r in extra) == [f"synth{k:05d}" for k in range(60, 96)]
+    assert {r["split"] for r in extra} == {"train"}
+    # No extra clip repeats any clip's scene; partners link extra clips to extra clips only.
+    keys = [scene_key(r["meta"]) for r in grown]
+    assert len(set(keys)) == len(keys)
+    extra_ids = {r["video_id"] for r in extra}
+    links = [link for r in extra for link in r["meta"]["hard_negatives"]]
+    assert links and all(link["video_id"] in extra_ids for link in links)
+    assert {link["kind"] for link in links} == {"order", "attribute"}
+    assert len({r["meta"]["group"] for r in grown}) == len({r["meta"]["group"] for r in base}) + len(
+        {r["meta"]["group"] for r in extra})
+    # Folders rendered before the option existed keep their manifest hash.
+    assert config_hash(SynthConfig(num_videos=60, seed=5)) != config_hash(SynthConfig(num_videos=60, seed=5, extra_train_videos=36))
+    assert config_hash(SynthConfig()) == "98e607953f5a515d"  # the hash before the option
 

@@ -88,7 +88,8 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("name", ["synth-clip-tiny", "synth-seqtransf-tiny"])  # frames mode, features mode
+# frames mode, features mode, features with patch tokens + twin batches + partner loss
+@pytest.mark.parametrize("name", ["synth-clip-tiny", "synth-seqtransf-tiny", "synth-seqtransf-grid-tiny"])
 def test_resume_continues_exactly(tiny_synth, tmp_path, name):
     preset = tiny_preset(name)
     straight = train(preset, tiny_synth, tmp_path / "straight", progress=False)

@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from vidseek.encoders import build_clip
+from vidseek.errors import ConfigError
 from vidseek.models.base import FrameFeatures, TextFeatures
 from vidseek.models.losses import LogitScale, symmetric_infonce
 from vidseek.models.twotower import TwoTower, TwoTowerConfig
@@ -91,3 +92,35 @@ def test_unknown_pooling_is_a_config_error(clip):
 
     with pytest.raises(ConfigError, match="meanP"):
         TwoTower(clip, TwoTowerConfig(pooling="maxP"))
+
+
+def test_patch_grid_pooling_averages_blocks():
+    from vidseek.models.twotower import pool_patch_grid
+
+    patches = torch.arange(36, dtype=torch.float32).reshape(1, 1, 36, 1)  # 6×6 grid, value = index
+    pooled = pool_patch_grid(patches, 3)
+    assert pooled.shape == (1, 1, 9)
+    assert pooled[0, 0, 0] == pytest.approx(sum([0, 1, 6, 7]) / 4)
+    assert pooled[0, 0, 8] == pytest.approx(sum([28, 29, 34, 35]) / 4)
+    with pytest.raises(ValueError, match="not a square grid"):
+        pool_patch_grid(torch.zeros(1, 1, 25, 1), 6)
+
+
+def test_patch_grid_starts_as_cls_only_and_then_reads_the_patches(clip):
+    plain = TwoTower(clip, TwoTowerConfig(pooling="seqTransf", temporal_layers=2)).eval()
+    torch.manual_seed(0)
+    gridded = TwoTower(clip, TwoTowerConfig(pooling="seqTransf", temporal_layers=2, patch_grid=3)).eval()
+    gridded.temporal.load_state_dict(plain.temporal.state_dict())
+    assert gridded.needs_patches and not plain.needs_patches
+    frames, mask = torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.bool)
+    patches = torch.randn(2, 4, 36, 64)
+    with torch.no_grad():
+        before = gridded.encode_video_features(FrameFeatures(frames, mask, patches))
+        torch.testing.assert_close(before, plain.encode_video_features(FrameFeatures(frames, mask)))
+        gridded.grid_proj.weight.normal_()
+        after = gridded.encode_video_features(FrameFeatures(frames, mask, patches))
+    assert not torch.allclose(after, before)
+    with pytest.raises(ConfigError, match="patch_grid needs patch tokens"):
+        gridded.encode_video_features(FrameFeatures(frames, mask))
+    with pytest.raises(ConfigError, match="patch_grid must be 0"):
+        TwoTower(clip, TwoTowerConfig(patch_grid=-1))

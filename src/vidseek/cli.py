@@ -24,11 +24,14 @@ def synth(
     seed: int = typer.Option(0, "--seed"),
     frames: int = typer.Option(16, "--frames", help="Frames per clip."),
     size: int = typer.Option(64, "--size", help="Frame side in pixels."),
+    extra_train: int = typer.Option(0, "--extra-train", help="More clips, all training, after the --videos ones "
+                                    "(whose val/test stay the same)."),
 ) -> None:
     """Render the deterministic synthetic video–text benchmark (mp4 + JSONL + MSR-VTT layout)."""
     from vidseek.data.synth import SynthConfig, generate
 
-    summary = generate(out, SynthConfig(num_videos=videos, seed=seed, frames=frames, size=size))
+    summary = generate(out, SynthConfig(num_videos=videos, seed=seed, frames=frames, size=size,
+                                        extra_train_videos=extra_train))
     typer.echo(f"wrote {summary.written} clips, reused {summary.reused}; splits {summary.counts}; "
                f"hard-negative pairs {summary.hard_negative_pairs} → {summary.out_dir}")
 

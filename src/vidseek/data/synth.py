@@ -162,6 +162,11 @@ class SynthConfig:
     fps: int = 8
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    # More training clips, drawn after (and never repeating) the num_videos clips from their own
+    # random stream, all in the train split: val and test stay exactly those of num_videos, so a
+    # bigger training set is compared on the same queries (docs/synthetic-recipe.md, Round 3:
+    # order is learned from the training twins, and 420 training twin pairs are memorised).
+    extra_train_videos: int = 0
 
 
 @dataclass
@@ -182,6 +187,8 @@ class SynthSummary:
 def _validate(config: SynthConfig) -> None:
     if config.num_videos < 1:
         raise ConfigError(f"synth --videos must be at least 1 (got {config.num_videos})")
+    if config.extra_train_videos < 0:
+        raise ConfigError(f"synth --extra-train must be at least 0 (got {config.extra_train_videos})")
     if config.frames < 2:
         raise ConfigError(f"synth --frames must be at least 2 (got {config.frames})")
     if config.size < 16 or config.size % 2:
@@ -533,8 +540,19 @@ def build_annotations(config: SynthConfig) -> list[dict[str, Any]]:
     # Ids are handed out in a random order so partners are not neighbours.
     order = rng.permutation(config.num_videos)
     flat = [(g, i) for g, group in enumerate(groups) for i in range(len(group))]
-    digits = max(5, len(str(config.num_videos - 1)))  # fixed width keeps id order = file order
+    total = config.num_videos + config.extra_train_videos
+    digits = max(5, len(str(total - 1)))  # fixed width keeps id order = file order
     ids = {clip: f"{ID_PREFIX}{int(order[k]):0{digits}d}" for k, clip in enumerate(flat)}
+    if config.extra_train_videos:
+        # Their own stream: the first num_videos clips (and so val and test) do not change.
+        extra_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xE7A]))
+        extra_kinds = _group_kinds(config.extra_train_videos, extra_rng)
+        first = len(groups)
+        groups += [_sample_group(extra_rng, kind, seen) for kind in extra_kinds]
+        splits += ["train"] * len(extra_kinds)
+        extra_order = config.num_videos + extra_rng.permutation(config.extra_train_videos)
+        extra_flat = [(g, i) for g in range(first, len(groups)) for i in range(len(groups[g]))]
+        ids.update({clip: f"{ID_PREFIX}{int(extra_order[k]):0{digits}d}" for k, clip in enumerate(extra_flat)})
     records = []
     for (g, i), video_id in ids.items():
         scene = groups[g][i]
@@ -675,7 +693,10 @@ def encode_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
 # Files.
 
 def config_hash(config: SynthConfig) -> str:
-    payload = json.dumps({"config": asdict(config), "generator_version": GENERATOR_VERSION}, sort_keys=True)
+    fields = asdict(config)
+    if not fields["extra_train_videos"]:  # folders rendered before the option keep their hash
+        del fields["extra_train_videos"]
+    payload = json.dumps({"config": fields, "generator_version": GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
